@@ -1,0 +1,273 @@
+"""`LatentCodec`: images <-> the normalised latents a diffusion model trains on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from .images import ImageInput, as_image_tensors, pad_to_multiple, tensor_to_pil, tensor_to_uint8
+from .model import load_vae, model_fingerprint
+from .stats import LatentNormalization
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf in latents or images: reduced precision overflowed (or the weights are broken)."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` or "auto": cuda, then mps, then cpu."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@dataclass
+class EncodeOutput:
+    latents: torch.Tensor  # normalised latents, float32: what a diffusion model sees
+    mean: torch.Tensor  # raw posterior mean, float32
+    logvar: torch.Tensor  # raw posterior log-variance, float32
+    image_size: tuple[int, int]  # (H, W) before padding; pass to `decode` to crop back
+
+
+class LatentCodec:
+    """Encode images to normalised latents and decode them back, with every normalisation applied inside.
+
+    Args:
+        vae: the AutoencoderKL (the codec moves and may cast it; it owns it from then on).
+        device: "cpu", "cuda", "mps", or None/"auto" for the best available.
+        dtype: "fp32" (default, the reference), "bf16" or "fp16" for the network's weights and activations.
+        max_batch_size: images per forward pass; larger inputs are split.
+        tile_size: images (in pixels) whose side exceeds this are encoded and decoded in overlapping,
+            blended tiles of this size, which bounds memory (diffusers' tiling); None disables tiling.
+        tile_overlap: fraction of a tile shared with its neighbour.
+        channels_last: NHWC memory layout, usually faster for convolutions on CPU and GPU.
+        compile: `torch.compile` the encoder and decoder (pays off for long runs of the same size).
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        *,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = "fp32",
+        max_batch_size: int = 8,
+        tile_size: int | None = 512,
+        tile_overlap: float = 0.25,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.fingerprint = model_fingerprint(vae)  # of the weights as given, before any cast
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.max_batch_size = max_batch_size
+        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        vae = vae.to(self.device, memory_format=self.memory_format)
+        if vae.dtype != self.dtype:  # only cast when asked: diffusers warns on every cast
+            vae = vae.to(self.dtype)
+        self.vae = vae.eval().requires_grad_(False)
+        self.downsampling_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
+        self.tile_size = tile_size
+        if tile_size is not None:
+            if tile_size % (4 * self.downsampling_factor):
+                raise ValueError(f"tile_size must be a multiple of {4 * self.downsampling_factor}, got {tile_size}")
+            vae.enable_tiling()
+            vae.tile_sample_min_size = tile_size
+            vae.tile_latent_min_size = tile_size // self.downsampling_factor
+            vae.tile_overlap_factor = tile_overlap
+        if compile:
+            # In place, so that state-dict keys (and saving) are unchanged.
+            vae.encoder.compile()
+            vae.decoder.compile()
+        self.normalization = LatentNormalization.from_config(vae.config)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, seed: int | None = None, **kwargs) -> "LatentCodec":
+        """A codec around `latent_vae.load_vae(source)`: a preset name, a model folder or a .safetensors file."""
+        return cls(load_vae(source, seed=seed), **kwargs)
+
+    @property
+    def config(self):
+        return self.vae.config
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.downsampling_factor
+        return (self.latent_channels, -(-height // f), -(-width // f))
+
+    def set_normalization(self, normalization: LatentNormalization) -> None:
+        """Write normalisation constants into the model config (saved with it, read by pipelines)."""
+        self.vae.register_to_config(**normalization.to_config())
+        self.normalization = normalization
+        self.fingerprint = model_fingerprint(self.vae)
+
+    # -- encoding ----------------------------------------------------------------------------------
+
+    def _image_batch(self, images: ImageInput | Sequence[ImageInput]) -> tuple[torch.Tensor, tuple[int, int]]:
+        tensors = as_image_tensors(images)
+        sizes = {tuple(t.shape[-2:]) for t in tensors}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"images of different sizes in one call {sorted(sizes)}: encode them one call each, or resize them"
+            )
+        return torch.stack(tensors), tensors[0].shape[-2:]
+
+    @torch.inference_mode()
+    def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float Nx3xHxW in [-1, 1] -> raw posterior moments (mean, logvar stacked on channels), float32"""
+        pixels = pad_to_multiple(pixels, self.downsampling_factor)
+        chunks = []
+        for chunk in pixels.split(self.max_batch_size):
+            chunk = chunk.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+            # diffusers' encode picks the tiled path itself when the image exceeds the tile size
+            posterior = self.vae.encode(chunk).latent_dist
+            chunks.append(posterior.parameters.float())
+        moments = torch.cat(chunks)
+        self._check_finite(moments, "encoding")
+        return moments
+
+    def encode(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        return_dict: bool = False,
+    ) -> torch.Tensor | EncodeOutput:
+        """images -> normalised latents (N x C x H/f x W/f, float32 on the codec's device).
+
+        The posterior's mode by default; `sample=True` draws from it (with `generator`). Sizes that are
+        not multiples of the downsampling factor are padded; keep `image_size` (`return_dict=True`) to
+        crop back on decode. All images of one call must have the same size.
+        """
+        pixels, image_size = self._image_batch(images)
+        mean, logvar = self._moments(pixels).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
+        raw = mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            raw = mean + torch.exp(0.5 * logvar) * noise
+        latents = self.normalization.normalize(raw)
+        if return_dict:
+            return EncodeOutput(latents=latents, mean=mean, logvar=logvar, image_size=tuple(image_size))
+        return latents
+
+    def encode_raw(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """images -> the posterior mean before normalisation (what calibration measures)."""
+        pixels, _ = self._image_batch(images)
+        return self._moments(pixels).chunk(2, dim=1)[0]
+
+    # -- decoding ----------------------------------------------------------------------------------
+
+    def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor):
+            raise ValueError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if latents.ndim == 3:
+            latents = latents.unsqueeze(0)
+        if latents.ndim != 4:
+            raise ValueError(f"latents must be NxCxhxw (or Cxhxw), got shape {tuple(latents.shape)}")
+        if latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents have {latents.shape[1]} channels but this model's latent has {self.latent_channels}"
+            )
+        return latents.float()
+
+    @torch.inference_mode()
+    def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw (un-normalised) latents -> float images Nx3xHxW in [-1, 1] (padded size)"""
+        chunks = []
+        for chunk in raw.split(self.max_batch_size):
+            chunk = chunk.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+            chunks.append(self.vae.decode(chunk).sample.float())
+        images = torch.cat(chunks)
+        self._check_finite(images, "decoding")
+        return images.clamp(-1.0, 1.0)
+
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        image_size: tuple[int, int] | None = None,
+        output_type: Literal["pt", "np", "pil"] = "pt",
+    ) -> torch.Tensor | np.ndarray | list[Image.Image]:
+        """normalised latents -> images: "pt" float Nx3xHxW in [-1, 1], "np" uint8 NxHxWx3, or "pil".
+
+        `image_size` (H, W) crops the padding that `encode` added to sizes not divisible by the factor.
+        """
+        latents = self._check_latents(latents)
+        images = self.decode_raw(self.normalization.denormalize(latents.to(self.device)))
+        if image_size is not None:
+            height, width = image_size
+            if height > images.shape[-2] or width > images.shape[-1]:
+                raise ValueError(f"image_size {tuple(image_size)} is larger than the decoded {tuple(images.shape[-2:])}")
+            images = images[..., :height, :width]
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return tensor_to_uint8(images)
+        if output_type == "pil":
+            return tensor_to_pil(images)
+        raise ValueError(f"unknown output_type {output_type!r}; choose pt, np or pil")
+
+    def reconstruct(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """images -> encode (mode) -> decode, cropped to the input size: float Nx3xHxW in [-1, 1]"""
+        encoded = self.encode(images, return_dict=True)
+        return self.decode(encoded.latents, image_size=encoded.image_size)
+
+    def _check_finite(self, tensor: torch.Tensor, stage: str) -> None:
+        if torch.isfinite(tensor).all():
+            return
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype)
+        advice = (
+            f"{name} overflowed: use dtype='fp32' (or 'bf16', whose range is fp32's)"
+            if name
+            else "the weights or the input contain NaN/inf"
+        )
+        raise NonFiniteError(f"NaN or inf while {stage} in {name or 'fp32'}: {advice}")
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between two latents (treats each as one vector)."""
+    a_flat, b_flat = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(a_flat, b_flat) / (a_flat.norm() * b_flat.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    if omega.abs() < 1e-4:
+        return torch.lerp(a, b, t)
+    so = torch.sin(omega)
+    out = (torch.sin((1 - t) * omega) / so) * a_flat + (torch.sin(t * omega) / so) * b_flat
+    return out.view_as(a).to(a.dtype)
+
+
+def interpolate_latents(a: torch.Tensor, b: torch.Tensor, steps: int, mode: str = "slerp") -> torch.Tensor:
+    """`steps` latents from a to b inclusive (a and b: Cxhxw): stacked Nxcxhxw."""
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2, got {steps}")
+    if a.shape != b.shape:
+        raise ValueError(f"latents of different shapes {tuple(a.shape)} and {tuple(b.shape)}: use images of one size")
+    mix = {"slerp": slerp, "lerp": torch.lerp}.get(mode)
+    if mix is None:
+        raise ValueError(f"unknown interpolation mode {mode!r}; choose slerp or lerp")
+    return torch.stack([mix(a, b, i / (steps - 1)) for i in range(steps)])
