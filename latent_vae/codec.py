@@ -13,7 +13,7 @@ from PIL import Image
 
 from .images import ImageInput, as_image_tensors, pad_to_multiple, tensor_to_pil, tensor_to_uint8
 from .model import load_vae, model_fingerprint
-from .stats import LatentNormalization
+from .stats import LatentNormalization, write_normalization
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -120,7 +120,7 @@ class LatentCodec:
 
     def set_normalization(self, normalization: LatentNormalization) -> None:
         """Write normalisation constants into the model config (saved with it, read by pipelines)."""
-        self.vae.register_to_config(**normalization.to_config())
+        write_normalization(self.vae, normalization)
         self.normalization = normalization
         self.fingerprint = model_fingerprint(self.vae)
 

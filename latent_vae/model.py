@@ -13,9 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .presets import PRESETS, VAEPreset, get_preset
+from .residual import ResidualAutoencoderKL
 
 # Model classes a saved config may name in `_class_name`; variants register themselves here.
-MODEL_CLASSES: dict[str, type[AutoencoderKL]] = {"AutoencoderKL": AutoencoderKL}
+MODEL_CLASSES: dict[str, type[AutoencoderKL]] = {
+    "AutoencoderKL": AutoencoderKL, "ResidualAutoencoderKL": ResidualAutoencoderKL,
+}
 
 # Metadata key under which a single-file checkpoint carries its diffusers config.
 CONFIG_METADATA_KEY = "config"
@@ -32,7 +35,9 @@ def build_vae(preset: str | VAEPreset = "f16c16", *, seed: int | None = None) ->
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return AutoencoderKL(**spec.diffusers_config())
+        if spec.shortcut is None:
+            return AutoencoderKL(**spec.diffusers_config())
+        return ResidualAutoencoderKL(**spec.diffusers_config(), shortcut=spec.shortcut)
 
 
 def _class_for(config: dict) -> type[AutoencoderKL]:
@@ -126,3 +131,19 @@ def model_fingerprint(vae: AutoencoderKL) -> str:
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def codec_flops(vae: AutoencoderKL, height: int, width: int) -> tuple[int, int]:
+    """FLOPs (multiply-adds x 2, convolutions and matmuls) of encoding and of decoding one image of this
+    size, counted on a weightless copy on the meta device: free even where the real pass would not fit."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        shadow = type(vae).from_config(vae.config)
+        pixels = torch.empty(1, vae.config.in_channels, height, width)
+        with FlopCounterMode(display=False) as counter:
+            latents = shadow.encode(pixels).latent_dist.mode()
+        encode = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            shadow.decode(latents)
+        return encode, counter.get_total_flops()

@@ -16,6 +16,7 @@ class VAEPreset:
     in_channels: int = 3
     out_channels: int = 3
     mid_block_add_attention: bool = True
+    shortcut: str | None = None  # None: plain AutoencoderKL; "stage" or "global": ResidualAutoencoderKL
     description: str = field(default="", compare=False)
 
     @property
@@ -44,6 +45,8 @@ class VAEPreset:
             # Normalisation is calibrated from data (`latent_vae.stats`), never guessed: start neutral.
             scaling_factor=1.0,
             shift_factor=0.0,
+            latents_mean=None,
+            latents_std=None,
         )
 
     def to_dict(self) -> dict:
@@ -68,6 +71,18 @@ PRESETS: dict[str, VAEPreset] = {
     ),
     "f8c16-tiny": VAEPreset(
         (8, 16, 16, 16), 16, layers_per_block=1, norm_num_groups=4, description="test width of f8c16"
+    ),
+    # With DC-AE-style space-to-channel shortcuts (`latent_vae.residual`): learn much faster from scratch.
+    "f16c16-res": VAEPreset(
+        (128, 128, 256, 256, 512), 16, shortcut="stage", description="f16c16 with residual shortcuts"
+    ),
+    "f16c16-narrow-res": VAEPreset(
+        (32, 32, 64, 64, 128), 16, norm_num_groups=16, shortcut="stage",
+        description="CPU demo width of f16c16-res",
+    ),
+    "f16c16-tiny-res": VAEPreset(
+        (8, 8, 16, 16, 16), 16, layers_per_block=1, norm_num_groups=4, shortcut="stage",
+        description="test width of f16c16-res",
     ),
 }
 

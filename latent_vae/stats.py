@@ -66,6 +66,15 @@ class LatentNormalization:
         return z / self.scaling_factor + self.shift_factor
 
 
+def write_normalization(vae, normalization: LatentNormalization) -> None:
+    """Store the constants in the model config, where saving and diffusers pipelines find them."""
+    vae.register_to_config(**normalization.to_config())
+    # diffusers resets keys listed as "left at their default" when it loads a config: these are not any more.
+    defaults = vae.config.get("_use_default_values")
+    if defaults:
+        vae.register_to_config(_use_default_values=[k for k in defaults if k not in normalization.to_config()])
+
+
 class RunningLatentStats:
     """Global and per-channel mean/std of raw latents, accumulated in float64 batch by batch."""
 

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models and small synthetic images; no network, no ../shared."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY = "f16c16-tiny"
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 HxWx3 with smooth gradients and blobs: more like a photo than white noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fy, fx, phase = rng.uniform(0.01, 0.08, 2).tolist() + [rng.uniform(0, 6.28)]
+        channels.append(0.5 + 0.4 * np.sin(fy * y + fx * x + phase))
+    return (np.stack(channels, -1) * 255).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A folder with four small PNG/JPEG photos-like images of two sizes."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(64, 64), (64, 64), (48, 80), (64, 64)]):
+        suffix = ".jpg" if i == 1 else ".png"
+        Image.fromarray(smooth_image(h, w, seed=i)).save(folder / f"img{i}{suffix}")
+    return folder
+
+
+@pytest.fixture
+def tiny_codec():
+    from latent_vae import LatentCodec
+
+    torch.manual_seed(0)
+    return LatentCodec.from_pretrained(TINY, seed=0, device="cpu", tile_size=None)

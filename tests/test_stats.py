@@ -1,0 +1,57 @@
+import pytest
+import torch
+from conftest import smooth_image
+from diffusers import AutoencoderKL
+
+from latent_vae import LatentCodec, build_vae, calibrate, load_vae, save_vae
+from latent_vae.stats import RunningLatentStats
+
+
+def images(n=6):
+    return [smooth_image(48, 48, seed=i) for i in range(n)]
+
+
+def test_running_stats_equal_the_statistics_of_all_latents_at_once():
+    latents = torch.randn(10, 4, 3, 5) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1) + 0.7
+    stats = RunningLatentStats()
+    for chunk in latents.split(3):
+        stats.update(chunk)
+    per_channel = stats.normalization(per_channel=True)
+    flat = latents.transpose(0, 1).reshape(4, -1).double()
+    assert torch.allclose(torch.tensor(per_channel.latents_mean, dtype=torch.float64), flat.mean(1), atol=1e-6)
+    assert torch.allclose(torch.tensor(per_channel.latents_std, dtype=torch.float64), flat.std(1, unbiased=False), atol=1e-6)
+    glob = stats.normalization(per_channel=False)
+    assert glob.shift_factor == pytest.approx(latents.double().mean().item(), abs=1e-6)
+    assert glob.scaling_factor == pytest.approx(1 / latents.double().std(unbiased=False).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_calibration_gives_unit_variance_on_the_data_it_saw(per_channel, tmp_path):
+    codec = LatentCodec(build_vae("f16c16-tiny", seed=0), max_batch_size=4, tile_size=None)
+    data = images()
+    before = codec.encode(data)
+    assert abs(before.std().item() - 1) > 0.05  # otherwise this test proves nothing
+    calibrate(codec, data, per_channel=per_channel)
+    after = codec.encode(data)
+    if per_channel:
+        channels = after.transpose(0, 1).reshape(16, -1)
+        assert torch.allclose(channels.mean(1), torch.zeros(16), atol=1e-4)
+        assert torch.allclose(channels.std(1, unbiased=False), torch.ones(16), atol=1e-3)
+    else:
+        assert after.mean().item() == pytest.approx(0, abs=1e-4)
+        assert after.std(unbiased=False).item() == pytest.approx(1, abs=1e-3)
+    # written into the config: saved with the model and read by diffusers
+    save_vae(codec.vae, tmp_path / "m")
+    config = AutoencoderKL.from_pretrained(tmp_path / "m").config
+    if per_channel:
+        assert config.latents_std is not None and len(config.latents_std) == 16
+    else:
+        assert config.scaling_factor == pytest.approx(1 / before.std(unbiased=False).item(), rel=1e-3)
+    reloaded = LatentCodec(load_vae(tmp_path / "m"), tile_size=None)
+    assert torch.allclose(reloaded.encode(data), after, atol=1e-4)
+
+
+def test_calibrating_nothing_is_an_error():
+    codec = LatentCodec(build_vae("f16c16-tiny", seed=0), tile_size=None)
+    with pytest.raises(ValueError, match="at least one image"):
+        calibrate(codec, [])

@@ -1,0 +1,143 @@
+"""Whole training runs of the tiny preset on CPU: output, exact resume, crash safety, NaN handling, precision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+import training.checkpoint as checkpoint_module
+from latent_vae import LatentCodec
+from training.config import load_config
+from training.losses import AutoencoderWithLoss
+from training.train_vae import main
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        # Smooth random images: something a tiny VAE can start to learn in a few steps.
+        small = rng.random((6, 6, 3)) * 255
+        image = Image.fromarray(small.astype(np.uint8)).resize((48 + 8 * i, 56), Image.BICUBIC)
+        image.save(folder / f"img{i}.png")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff broken jpeg")
+    return folder
+
+
+def tiny(images: Path, out: Path, **overrides):
+    return load_config("tiny_test", {"data": str(images), "output_dir": str(out), **overrides})
+
+
+def weights(folder: Path, name: str = "vae.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(folder / name))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+def test_a_run_leaves_a_calibrated_diffusers_model_checkpoints_logs_and_grids(images, tmp_path):
+    out = tmp_path / "run"
+    exported = main(tiny(images, out, report_to="tensorboard", max_steps=4, keep_checkpoints=1))
+    assert exported == out / "vae"
+    codec = LatentCodec.from_pretrained(exported)
+    vae = AutoencoderKL.from_pretrained(exported)
+    assert vae.config.scaling_factor != 1.0  # calibrated from data, not the neutral default
+    latents = codec.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert latents.shape == (2, 16, 2, 2)
+    # The exported weights are the EMA's, not the raw ones.
+    ckpt = out / "checkpoint-0000004"
+    assert_same({k: v for k, v in vae.state_dict().items()}, weights(ckpt, "ema.safetensors"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000004"]  # keep_checkpoints=1
+    assert (out / "latest").read_text() == "checkpoint-0000004"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["samples_seen"] == 8 and state["images_skipped"] >= 1
+    assert (out / "samples" / "step-0000004.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_resume_continues_exactly(images, tmp_path):
+    # GAN on from step 2, so the resumed half also exercises the discriminator's restored state.
+    main(tiny(images, tmp_path / "straight", max_steps=4, checkpoint_every=0))
+    main(tiny(images, tmp_path / "split", max_steps=2, checkpoint_every=0))
+    main(tiny(images, tmp_path / "split", max_steps=4, checkpoint_every=0, resume="latest"))
+    straight, split = tmp_path / "straight" / "checkpoint-0000004", tmp_path / "split" / "checkpoint-0000004"
+    for name in ("vae.safetensors", "ema.safetensors", "discriminator.safetensors"):
+        assert_same(weights(straight, name), weights(split, name))
+    state = json.loads((split / "trainer_state.json").read_text())
+    assert state["scheduler"]["last_epoch"] == 4
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(images, tmp_path, monkeypatch):
+    real_save_file = checkpoint_module.save_file
+
+    def dies_in_second_checkpoint(tensors, path, *args, **kwargs):
+        if "checkpoint-0000004.tmp" in str(path) and Path(path).name == "vae.safetensors":
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt("killed")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", dies_in_second_checkpoint)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny(images, out, max_steps=6))
+    assert (out / "latest").read_text() == "checkpoint-0000002"
+    assert (out / ".checkpoint-0000004.tmp").exists() and not (out / "checkpoint-0000004").exists()
+
+    monkeypatch.setattr(checkpoint_module, "save_file", real_save_file)
+    main(tiny(images, out, max_steps=6, resume="latest"))
+    assert not list(out.glob(".checkpoint-*.tmp"))  # the half-written one is cleaned up
+    main(tiny(images, tmp_path / "straight", max_steps=6))
+    assert_same(weights(out / "checkpoint-0000006"), weights(tmp_path / "straight" / "checkpoint-0000006"))
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run_when_they_persist(images, tmp_path, monkeypatch):
+    real_forward = AutoencoderWithLoss.forward
+    calls = {"n": 0, "poison": {2}}
+
+    def sometimes_nan(self, pixels, sample=True):
+        out = real_forward(self, pixels, sample)
+        calls["n"] += 1
+        if calls["n"] in calls["poison"]:
+            out["nll"] = out["nll"] * float("nan")
+        return out
+
+    monkeypatch.setattr(AutoencoderWithLoss, "forward", sometimes_nan)
+    out = tmp_path / "one"
+    main(tiny(images, out, max_steps=3, disc_weight=0.0, validate_every=0, checkpoint_every=0))
+    state = json.loads((out / "checkpoint-0000003" / "trainer_state.json").read_text())
+    assert state["nonfinite_skipped"] == 1 and state["nonfinite_in_a_row"] == 0
+    assert all(torch.isfinite(v).all() for v in weights(out / "checkpoint-0000003").values())
+
+    calls.update(n=0, poison=set(range(1, 100)))
+    with pytest.raises(RuntimeError, match="NaN or inf 3 times in a row"):
+        main(tiny(images, tmp_path / "many", max_steps=10, max_nonfinite_steps=3, disc_weight=0.0))
+
+
+def test_gradient_accumulation_matches_the_larger_batch(images, tmp_path):
+    # Same images in the same order, same noise stream: 2 x 2 accumulated == one batch of 4.
+    common = dict(max_steps=2, disc_weight=0.0, validate_every=0, checkpoint_every=0, max_grad_norm=0.0)
+    main(tiny(images, tmp_path / "big", batch_size=4, **common))
+    main(tiny(images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
+              **common))
+    assert_same(weights(tmp_path / "big" / "checkpoint-0000002"), weights(tmp_path / "accum" / "checkpoint-0000002"),
+                atol=1e-5)
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights_and_fp16_on_cpu_is_refused(images, tmp_path):
+    out = tmp_path / "bf16"
+    main(tiny(images, out, max_steps=2, mixed_precision="bf16", validate_every=0))
+    saved = weights(out / "checkpoint-0000002")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        main(tiny(images, tmp_path / "fp16", mixed_precision="fp16"))

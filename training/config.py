@@ -1,0 +1,169 @@
+"""The training run's configuration: one typed dataclass, merged from defaults <- JSON file <- `--field value`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Defaults are the LDM kl-f16 recipe where LDM has one (see DESIGN.md)."""
+
+    # -- model and data
+    model: str = "f16c16"  # a preset name (fresh weights) or a diffusers folder / .safetensors to fine-tune
+    data: str = ""  # image folder (recursive), save_to_disk folder, .parquet or .arrow file (or a folder of them)
+    image_column: str = "image"  # for datasets
+    resolution: int = 256  # training crop side; the network is fully convolutional, so 1024 models train on crops
+    min_scale: float = 1.0  # images are first resized by a random factor in [min_scale, 1] (never below the crop)
+    random_flip: bool = True
+    num_workers: int = 2
+    validation_data: str = ""  # image folder; empty: centre crops of the first training images
+    num_validation_images: int = 4
+    validation_resolution: int = 256
+    validate_every: int = 500  # steps; 0 disables (a last validation still runs at the end)
+    calibration_images: int = 64  # crops measured for the saved latent normalisation
+
+    # -- optimisation
+    seed: int = 0
+    batch_size: int = 8  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100_000  # optimiser steps
+    max_minutes: float = 0.0  # wall-clock budget (0: none); all ranks stop at the same step
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.5  # LDM's (0.5, 0.9): a GAN-friendly Adam
+    adam_beta2: float = 0.9
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant_with_warmup"  # any name diffusers' get_scheduler knows
+    lr_warmup_steps: int = 1000
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; master weights stay fp32
+    gradient_checkpointing: bool = False
+    max_nonfinite_steps: int = 20  # this many NaN/inf losses in a row stop the run
+
+    # -- EMA (diffusers' EMAModel); the saved model carries the EMA weights
+    use_ema: bool = True
+    ema_decay: float = 0.9999  # the ceiling; with warm-up the decay starts low so short runs still average
+    ema_warmup: bool = True
+    ema_power: float = 2 / 3
+
+    # -- losses (training/losses.py)
+    reconstruction_loss: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6
+    logvar_min: float = -30.0
+    logvar_max: float = 20.0
+    lpips_weight: float = 1.0
+    lpips_weights: str = ""  # local .safetensors (python -m training.lpips --help); empty: the default cache file
+    sharpness_loss: Literal["fft", "ssim"] = "fft"
+    sharpness_weight: float = 0.0
+    disc_weight: float = 0.5  # LDM's disc_weight: multiplies the adaptive weight
+    disc_start: int = 50_001  # optimiser step at which the discriminator and its loss switch on
+    disc_learning_rate: float = 1e-4
+    disc_layers: int = 3
+    disc_channels: int = 64
+    adaptive_weight_max: float = 1e4  # LDM's clamp of the gradient-norm ratio
+
+    # -- output
+    output_dir: str = "runs/vae"
+    checkpoint_every: int = 1000  # steps; 0: only at the end
+    keep_checkpoints: int = 3
+    resume: str = ""  # "latest", or a checkpoint folder
+    log_every: int = 10
+    report_to: str = "tensorboard"  # an Accelerate tracker name, or "none"
+
+    def validate(self) -> None:
+        """Bad values fail at start, not hours into a run."""
+        if not self.data:
+            raise ValueError("no training data: set --data to an image folder or a datasets folder/file")
+        if self.reconstruction_loss not in ("l1", "l2"):
+            raise ValueError(f"reconstruction_loss must be l1 or l2, got {self.reconstruction_loss!r}")
+        if self.sharpness_loss not in ("fft", "ssim"):
+            raise ValueError(f"sharpness_loss must be fft or ssim, got {self.sharpness_loss!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, kind, value):
+    """A JSON or command-line value -> the field's type; a wrong type is a ValueError naming the field."""
+    if typing.get_origin(kind) is Literal:
+        kind = type(typing.get_args(kind)[0])
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from None
+
+
+def merge(config: TrainConfig, overrides: dict) -> TrainConfig:
+    """A copy of `config` with `overrides` applied; unknown keys raise ValueError naming them."""
+    types_ = _field_types()
+    unknown = sorted(set(overrides) - set(types_))
+    if unknown:
+        raise ValueError(f"unknown config option(s): {', '.join(unknown)} (see training/config.py for the list)")
+    values = asdict(config)
+    for name, value in overrides.items():
+        values[name] = _coerce(name, types_[name], value)
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- the JSON file at `path` (a bare name looks in training/configs/) <- `overrides`."""
+    config = TrainConfig()
+    if path:
+        path = Path(path)
+        if not path.exists() and (CONFIG_DIR / path).exists():
+            path = CONFIG_DIR / path
+        if not path.exists() and (CONFIG_DIR / f"{path}.json").exists():
+            path = CONFIG_DIR / f"{path}.json"
+        file_values = json.loads(Path(path).read_text())
+        file_values.pop("_comment", None)
+        config = merge(config, file_values)
+    return merge(config, overrides or {})
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """`--config FILE` plus `--field value` for every field; argparse rejects unknown options by name."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train_vae", allow_abbrev=False, description="Train a KL-VAE (see training/config.py for every field)."
+    )
+    parser.add_argument("--config", default=None, help="JSON file, or a name in training/configs/")
+    for name, kind in _field_types().items():
+        # Parsed as strings and coerced by `merge`, so that file and command line share one set of rules.
+        parser.add_argument(f"--{name}", default=None, metavar=_type_name(kind))
+    args = vars(parser.parse_args(argv))
+    path = args.pop("config")
+    return load_config(path, {k: v for k, v in args.items() if v is not None})
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+    return getattr(kind, "__name__", str(kind)).upper()
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return asdict(config)
+
