@@ -142,12 +142,14 @@ def image_strip(images: Sequence[Image.Image | np.ndarray], labels: Sequence[str
     width = sum(im.width for im in pils) + gap * (len(pils) - 1)
     height = max(im.height for im in pils) + caption
     strip = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
     x = 0
     for i, im in enumerate(pils):
         strip.paste(im.convert("RGB"), (x, caption))
         if labels:
-            draw.text((x + 2, 1), labels[i], fill=(0, 0, 0))
+            # each caption drawn on a canvas of its column's width, so a long one is clipped, not overlapping
+            label = Image.new("RGB", (im.width, caption), (255, 255, 255))
+            ImageDraw.Draw(label).text((2, 1), labels[i], fill=(0, 0, 0))
+            strip.paste(label, (x, 0))
         x += im.width + gap
     return strip
 
