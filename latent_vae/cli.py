@@ -23,6 +23,7 @@ from .images import (
 from .latent_files import LatentFile, load_latent_file, save_latent_file
 from .metrics import psnr, ssim
 from .model import codec_flops, count_parameters, load_vae, save_vae
+from .precompute import add_precompute_arguments, run_precompute
 from .presets import DEFAULT_PRESET, PRESETS
 from .stats import calibrate
 
@@ -357,15 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, default="f16c16-narrow")
     p.set_defaults(func=run_demo)
 
-    try:
-        from .latents import add_precompute_arguments, run_precompute
-    except ImportError:  # the latent-dataset module is optional while it is being written
-        pass
-    else:
-        p = commands.add_parser("precompute", help="encode a dataset once into a latent dataset (🤗 datasets)",
-                                description="Precompute the latents of an image folder or dataset.")
-        add_precompute_arguments(p)
-        p.set_defaults(func=run_precompute)
+    p = commands.add_parser("precompute", help="encode a dataset once into a latent dataset (🤗 datasets)",
+                            description="Precompute the posterior of every image of a folder or dataset into "
+                            "parquet shards; killed, the same command resumes; see README 'Latent datasets'.")
+    add_precompute_arguments(p)
+    p.set_defaults(func=run_precompute)
     return parser
 
 

@@ -32,9 +32,10 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +140,7 @@ class LatentInfo:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "LatentInfo":
+    def read(cls, path: str | os.PathLike) -> LatentInfo:
         folder = Path(path)
         file = folder / INFO_FILE
         if not file.is_file():
@@ -234,9 +235,9 @@ def _fingerprint_of(model: Any) -> str:
         return model.fingerprint
     if isinstance(model, AutoencoderKL):
         return model_fingerprint(model)
-    if isinstance(model, str) and len(model) == 16 and all(c in "0123456789abcdef" for c in model):
-        if not Path(model).exists():
-            return model
+    is_hex16 = isinstance(model, str) and len(model) == 16 and all(c in "0123456789abcdef" for c in model)
+    if is_hex16 and not Path(model).exists():  # a fingerprint, not a folder that happens to look like one
+        return model
     return model_fingerprint(load_vae(model))
 
 
@@ -311,7 +312,8 @@ def load_latents(
         allow_incomplete: read a dataset whose last precompute run did not finish (otherwise an error).
         cache_dir: 🤗 datasets cache for the converted shards (default: the datasets cache).
 
-    Items of different latent shapes (--buckets) cannot share a batch: see `BucketBatchSampler`.
+    Batch with `DataLoader(dataset, batch_size=..., collate_fn=collate_latents)`; items of different latent
+    shapes (--buckets) cannot share a batch: see `BucketBatchSampler`.
     """
     import datasets
 
@@ -333,6 +335,14 @@ def load_latents(
                                     cache_dir=str(cache_dir) if cache_dir else None)
     dataset.set_transform(LatentTransform(info, sample=sample, flip_probability=flip_probability))
     return dataset
+
+
+def collate_latents(items: list[dict]) -> dict:
+    """DataLoader collate_fn for `load_latents` items: latents stacked into NxCxhxw, every other column a list
+    (torch's default collate refuses None, which a caption missing from metadata.jsonl is)."""
+    batch = {key: [item[key] for item in items] for key in items[0]}
+    batch[LATENTS] = torch.stack(batch[LATENTS])
+    return batch
 
 
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -374,3 +384,4 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         round_ = math.floor if self.drop_last else math.ceil
         return sum(round_(len(g) / self.batch_size) for g in self.groups.values())
+

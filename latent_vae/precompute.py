@@ -20,9 +20,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -268,8 +269,10 @@ def centre_crop(height: int, width: int, target: tuple[int, int]) -> Crop:
     th, tw = target
     scale = max(th / height, tw / width)
     box_w, box_h = tw / scale, th / scale
-    left, top = (width - box_w) / 2, (height - box_h) / 2
-    return Crop(target, (left, top, left + box_w, top + box_h), scale, (round(top * scale), round(left * scale)))
+    # Clamped: rounding can put the box a hair outside the image, which Pillow refuses.
+    left, top = max(0.0, (width - box_w) / 2), max(0.0, (height - box_h) / 2)
+    box = (left, top, min(float(width), left + box_w), min(float(height), top + box_h))
+    return Crop(target, box, scale, (round(top * scale), round(left * scale)))
 
 
 class SkipImage(Exception):
@@ -364,9 +367,13 @@ class ShardWriter:
 
     A kill between the two renames leaves failures committed and rows not: the rows' inputs are redone in
     a later shard, the failed inputs are not retried. Either way each input ends up recorded once.
+    Writing happens on one background thread (pyarrow releases the GIL), so the encoder does not wait for the
+    disk; one thread keeps the commits in order, and at most one shard waits behind the one being written.
     """
 
     def __init__(self, out: Path, rank: int, features) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.out, self.rank, self.features = out, rank, features
         (out / fmt.DATA_DIR).mkdir(parents=True, exist_ok=True)
         (out / fmt.FAILURES_DIR).mkdir(parents=True, exist_ok=True)
@@ -376,30 +383,46 @@ class ShardWriter:
         self.sequence = max(used, default=-1) + 1
         self.rows: list[dict] = []
         self.failures: list[dict] = []
-        self.committed_rows = 0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending = None
 
     def commit(self) -> None:
+        """Hand the buffered rows and failures to the writer thread (waits only if a shard is still in flight)."""
+        if not self.rows and not self.failures:
+            return
+        self._wait()
+        self._pending = self._thread.submit(self._write, f"{self.rank:05d}-{self.sequence:05d}", self.rows,
+                                            self.failures)
+        self.rows, self.failures = [], []
+        self.sequence += 1
+
+    def close(self) -> None:
+        """Commit what is buffered and wait until it is on disk."""
+        self.commit()
+        self._wait()
+        self._thread.shutdown()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()  # re-raises a failed write (disk full...) here, in the main thread
+            self._pending = None
+
+    def _write(self, name: str, rows: list[dict], failures: list[dict]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not self.rows and not self.failures:
-            return
-        name = f"{self.rank:05d}-{self.sequence:05d}"
-        if self.failures:
-            lines = "".join(json.dumps(f) + "\n" for f in self.failures)
+        if failures:
+            lines = "".join(json.dumps(f) + "\n" for f in failures)
             fmt.atomic_write_text(self.out / fmt.FAILURES_DIR / f"{name}.jsonl", lines)
-        if self.rows:
+        if rows:
             final = self.out / fmt.DATA_DIR / f"train-{name}.parquet"
             tmp = final.with_name(f".tmp-{final.name}")
-            table = pa.Table.from_pylist(self.rows, schema=self.features.arrow_schema)
+            table = pa.Table.from_pylist(rows, schema=self.features.arrow_schema)
             with open(tmp, "wb") as f:
                 pq.write_table(table, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-        self.committed_rows += len(self.rows)
-        self.rows, self.failures = [], []
-        self.sequence += 1
 
 
 def output_features(source: Source, flip: bool):
@@ -443,7 +466,7 @@ class PrecomputeSummary:
     def line(self) -> str:
         """One line for a terminal."""
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.failure_reasons.items()))
-        text = (f"{self.rows} latents ({self.encoded_this_run} this run, {self.skipped_done} were done), "
+        text = (f"{self.rows} latents ({self.encoded_this_run} this run, {self.skipped_done} inputs already done), "
                 f"{self.failures} failed{f' ({reasons})' if reasons else ''} of {self.inputs} inputs -> {self.out}"
                 f"  [{self.images_per_second:.1f} img/s, {self.seconds:.1f} s, {self.world_size} process(es)]")
         if self.failures:
@@ -491,7 +514,7 @@ def _encode_batch(codec, items: list[dict], flip: bool, dtype: torch.dtype) -> l
 
 def _default_workers(local_world_size: int) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // max(1, local_world_size) - 1))
+    return max(1, min(16, cpus // max(1, local_world_size) - 1))
 
 
 def _check_or_write_info(out: Path, info: fmt.LatentInfo) -> None:
@@ -554,6 +577,7 @@ def precompute_latents(
 
     source = open_source(data, opts)
     codec, model_source = _make_codec(model, opts, device)
+    device = codec.device  # a LatentCodec passed in keeps its own device
     factor = codec.downsampling_factor
     step = opts.bucket_step or factor
     if step % factor:
@@ -587,7 +611,7 @@ def precompute_latents(
 
     writer = ShardWriter(out, state.process_index, output_features(source, opts.flip))
     workers = opts.num_workers if opts.num_workers is not None else _default_workers(
-        int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     loader = torch.utils.data.DataLoader(
         PreprocessedImages(source, pending, opts, bucket_list), batch_size=None, shuffle=False,
         num_workers=workers, collate_fn=_passthrough_collate, pin_memory=device.type == "cuda",
@@ -615,14 +639,19 @@ def precompute_latents(
                                     "message": item["message"]})
             progress.update(1)
             progress.set_postfix(failed=failed, refresh=False)
+            if len(writer.failures) >= opts.shard_size:
+                writer.commit()
             continue
         size = tuple(item["pixels"].shape)
         groups.setdefault(size, []).append(item)
         if len(groups[size]) == opts.batch_size:
             flush(size)
+        elif sum(len(g) for g in groups.values()) >= 4 * opts.batch_size:
+            # Many buckets each short of a batch: encode the fullest rather than hold images without bound.
+            flush(max(groups, key=lambda k: len(groups[k])))
     for size in list(groups):
         flush(size)
-    writer.commit()
+    writer.close()
     seconds = time.perf_counter() - start
     progress.close()
 

@@ -16,9 +16,24 @@ from PIL import Image
 
 from latent_vae import LatentCodec, build_vae, save_vae
 from latent_vae.latents import (
-    BucketBatchSampler, LatentInfo, load_latents, pack, read_failures, read_summary, shard_files, unpack)
+    BucketBatchSampler,
+    LatentInfo,
+    collate_latents,
+    load_latents,
+    pack,
+    read_failures,
+    read_summary,
+    shard_files,
+    unpack,
+)
 from latent_vae.precompute import (
-    add_precompute_arguments, centre_crop, make_buckets, nearest_bucket, precompute_latents, run_precompute)
+    add_precompute_arguments,
+    centre_crop,
+    make_buckets,
+    nearest_bucket,
+    precompute_latents,
+    run_precompute,
+)
 
 RES = 32
 FAST = dict(num_workers=0, batch_size=2, progress=False)
@@ -101,6 +116,9 @@ def test_folder_round_trip_matches_codec(model_dir, codec, folder, tmp_path):
         assert item["latents"].shape == (16, RES // 16, RES // 16)
         torch.testing.assert_close(item["latents"], expected, atol=1e-4, rtol=1e-4)
 
+    # Batches for training: latents stacked, captions (some missing: None) as lists.
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_latents)))
+    assert batch["latents"].shape == (4, 16, RES // 16, RES // 16) and None in batch["text"]
     # ... and a latent decodes back to an image of the crop's size.
     image = codec.decode(items["a.png"]["latents"][None], output_type="pil")[0]
     assert image.size == (RES, RES)
@@ -170,6 +188,10 @@ def test_buckets_have_equal_area_and_sides_divisible_by_16():
     crop = centre_crop(100, 300, (64, 128))
     assert crop.scale == pytest.approx(0.64) and crop.top_left == (0, 32)  # 300 px -> 192, (192 - 128) / 2
     assert crop.box == pytest.approx((50.0, 0.0, 250.0, 100.0))
+    for height in range(40, 120, 3):  # the box never leaves the image, whatever the rounding
+        for width in range(40, 120, 3):
+            left, top, right, bottom = centre_crop(height, width, (32, 32)).box
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
 
 
 def test_bucketed_precompute_records_sizes_and_batches_by_shape(model_dir, tmp_path):
@@ -258,6 +280,9 @@ def test_other_model_resolution_or_settings_are_refused(model_dir, folder, tmp_p
     other = build_vae("f16c16-tiny", seed=1)
     with pytest.raises(ValueError, match="not by the given model"):
         load_latents(out, model=other)
+    assert len(load_latents(out, model=LatentInfo.read(out).fingerprint, cache_dir=tmp_path / "c")) == 4
+    with pytest.raises(ValueError, match="not by the given model 0123456789abcdef"):
+        load_latents(out, model="0123456789abcdef")
     with pytest.raises(ValueError, match="resolution 32, not 64"):
         load_latents(out, resolution=64)
     # Adding to a dataset with other settings would mix two kinds of rows.

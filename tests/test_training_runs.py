@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -17,6 +18,18 @@ from latent_vae import LatentCodec
 from training.config import load_config
 from training.losses import AutoencoderWithLoss
 from training.train_vae import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_a_fresh_accelerator():
+    """One thread: tiny convolutions only lose to threading, badly so on a shared machine. And a fresh
+    Accelerate state per run, as a new process would have (its state is a process-wide singleton)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +139,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run_when_they_persist
 
 def test_gradient_accumulation_matches_the_larger_batch(images, tmp_path):
     # Same images in the same order, same noise stream: 2 x 2 accumulated == one batch of 4.
-    common = dict(max_steps=2, disc_weight=0.0, validate_every=0, checkpoint_every=0, max_grad_norm=0.0)
+    common = {"max_steps": 2, "disc_weight": 0.0, "validate_every": 0, "checkpoint_every": 0, "max_grad_norm": 0.0}
     main(tiny(images, tmp_path / "big", batch_size=4, **common))
     main(tiny(images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
               **common))

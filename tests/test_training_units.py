@@ -15,7 +15,13 @@ from latent_vae import build_vae
 from training.config import CONFIG_DIR, TrainConfig, load_config, merge, parse_args
 from training.data import CropDataset, ImageSource, ShardedSampler, train_loader, validation_crops
 from training.losses import (
-    AutoencoderWithLoss, LossWeights, PatchDiscriminator, adaptive_weight, frequency_loss, hinge_d_loss, kl_per_pixel,
+    AutoencoderWithLoss,
+    LossWeights,
+    PatchDiscriminator,
+    adaptive_weight,
+    frequency_loss,
+    hinge_d_loss,
+    kl_per_pixel,
     ssim_loss,
 )
 from training.lpips import LPIPS, LPIPSWeightsMissing
@@ -72,7 +78,7 @@ def test_folder_is_read_recursively_and_corrupt_images_are_skipped_and_counted(t
     source = ImageSource(write_images(tmp_path / "imgs", count=5, corrupt=1))
     assert len(source) == 6
     dataset = CropDataset(source, 32, seed=0)
-    broken = [i for i in range(len(source)) if "broken" in source.describe(i)][0]
+    broken = next(i for i in range(len(source)) if "broken" in source.describe(i))
     crop, skipped = dataset[(0, broken)]
     assert crop.shape == (3, 32, 32) and skipped == 1
     assert -1 <= crop.min() and crop.max() <= 1
@@ -89,7 +95,7 @@ def test_a_crop_is_a_function_of_its_position_only(tmp_path):
 
 
 def test_ranks_get_disjoint_shards_and_a_resumed_stream_continues_exactly():
-    take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
+    take = lambda it, n: [next(it) for _ in range(n)]
     epoch0 = [take(iter(ShardedSampler(10, rank=r, world_size=2, seed=1)), 5) for r in range(2)]
     indices = [i for shard in epoch0 for _, i in shard]
     assert sorted(indices) == list(range(10))  # each image once per epoch, split between ranks
@@ -105,7 +111,7 @@ def test_datasets_on_disk_load_as_folder_parquet_and_arrow(tmp_path):
     ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
     ds.save_to_disk(str(tmp_path / "saved"))
     ds.to_parquet(str(tmp_path / "data.parquet"))
-    arrow = sorted((tmp_path / "saved").glob("*.arrow"))[0]
+    arrow = min((tmp_path / "saved").glob("*.arrow"))
     for path in (tmp_path / "saved", tmp_path / "data.parquet", arrow):
         source = ImageSource(path)
         assert len(source) == 3

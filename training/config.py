@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,7 @@ class TrainConfig:
 
     # -- optimisation
     seed: int = 0
+    torch_threads: int = 0  # CPU threads per process; 0: torch's default (on a shared CPU, 1 often beats fighting for cores)
     batch_size: int = 8  # per process
     gradient_accumulation_steps: int = 1
     max_steps: int = 100_000  # optimiser steps

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -183,8 +183,9 @@ def train_loader(source: ImageSource, *, resolution: int, batch_size: int, seed:
     """Batches of (crops, skipped) forever, starting at sample `start` of this rank's stream."""
     dataset = CropDataset(source, resolution, seed=seed, min_scale=min_scale, flip=flip)
     sampler = ShardedSampler(len(source), rank=rank, world_size=world_size, seed=seed, start=start)
+    # Its own generator: creating the iterator must not draw from the global RNG, whose state checkpoints restore.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=False, drop_last=True)
+                      drop_last=True, generator=torch.Generator().manual_seed(seed))
 
 
 def validation_crops(source: ImageSource, count: int, resolution: int) -> torch.Tensor:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from .lpips import LPIPS
@@ -45,13 +45,13 @@ def frequency_loss(reference: torch.Tensor, reconstruction: torch.Tensor) -> tor
     Phase is ignored: a blurred reconstruction loses high-frequency *energy*, which this term puts back
     even where the exact phase (position of texture) cannot be recovered from the latent.
     """
-    amplitude = lambda x: torch.fft.rfft2(x.float(), norm="ortho").abs()  # noqa: E731
+    amplitude = lambda x: torch.fft.rfft2(x.float(), norm="ortho").abs()
     return F.l1_loss(amplitude(reconstruction), amplitude(reference))
 
 
 def ssim_loss(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """1 - SSIM (Gaussian window 11, as `latent_vae.metrics.ssim`) of images in [-1, 1]."""
-    unit = lambda x: (x.float().clamp(-1, 1) + 1) / 2  # noqa: E731
+    unit = lambda x: (x.float().clamp(-1, 1) + 1) / 2
     return 1.0 - structural_similarity_index_measure(unit(reconstruction), unit(reference), data_range=1.0)
 
 

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 # torchvision's VGG16 "D" configuration; "M" is a 2x2 max-pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -70,7 +70,7 @@ class LPIPS(nn.Module):
         self.requires_grad_(False).eval()
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike | None = None) -> "LPIPS":
+    def from_file(cls, path: str | os.PathLike | None = None) -> LPIPS:
         path = Path(path).expanduser() if path else DEFAULT_WEIGHTS
         if not path.is_file():
             raise LPIPSWeightsMissing(missing_weights_message(path))
@@ -78,7 +78,7 @@ class LPIPS(nn.Module):
         model.load_state_dict(load_file(str(path)), strict=True)
         return model
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)  # always inference behaviour, even inside a module put in train mode
 
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -118,7 +118,7 @@ def convert(vgg_file: Path, lin_file: Path, out: Path) -> Path:
 
 def _lpips_package_file() -> Path | None:
     try:
-        import lpips  # noqa: F401  (only to find its bundled weights)
+        import lpips
     except ImportError:
         return None
     return Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"

@@ -34,9 +34,15 @@ from latent_vae.metrics import psnr, ssim
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, to_dict
 from .data import CropDataset, ImageSource, train_loader, validation_crops
-from .losses import AutoencoderWithLoss, LossWeights, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+from .losses import (
+    AutoencoderWithLoss,
+    LossWeights,
+    PatchDiscriminator,
+    adaptive_weight,
+    generator_loss,
+    hinge_d_loss,
+)
 from .lpips import LPIPS, LPIPSWeightsMissing
-
 
 # -- helpers ----------------------------------------------------------------------------------------
 
@@ -131,6 +137,8 @@ def export_model(vae, ema: EMAModel | None, crops: list[torch.Tensor], out: Path
 def main(config: TrainConfig) -> Path:
     """Train as `config` says; returns the exported model folder (OUTPUT_DIR/vae)."""
     config.validate()
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
     out_dir = Path(config.output_dir)
     accelerator = make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -195,8 +203,8 @@ def main(config: TrainConfig) -> Path:
     if config.report_to != "none":
         accelerator.init_trackers("train_vae", config=to_dict(config))
 
-    dataset_kwargs = dict(resolution=config.resolution, seed=config.seed, min_scale=config.min_scale,
-                          flip=config.random_flip)
+    dataset_kwargs = {"resolution": config.resolution, "seed": config.seed, "min_scale": config.min_scale,
+                      "flip": config.random_flip}
     loader = train_loader(source, batch_size=config.batch_size, rank=rank, world_size=world,
                           start=state["samples_seen"], num_workers=config.num_workers, **dataset_kwargs)
     batches = iter(loader)
@@ -204,7 +212,10 @@ def main(config: TrainConfig) -> Path:
     progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
                     desc="train", dynamic_ncols=True)
 
+    saved = {"step": state["step"] if checkpoint is not None else -1}
+
     def save(step: int) -> None:
+        saved["step"] = step
         trainer_state = {**state, "seed": config.seed, "world_size": world, "scheduler": scheduler.state_dict(),
                          "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                          "config": to_dict(config)}
@@ -232,7 +243,8 @@ def main(config: TrainConfig) -> Path:
                     d_weight = config.disc_weight * adaptive_weight(out["nll"] * scale, g_loss * scale, last_layer,
                                                                     config.adaptive_weight_max)
                     loss = loss + d_weight * g_loss
-            if not all_finite(accelerator, loss):
+            stepped = all_finite(accelerator, loss)
+            if not stepped:
                 state["nonfinite_skipped"] += 1
                 state["nonfinite_in_a_row"] += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -267,7 +279,8 @@ def main(config: TrainConfig) -> Path:
         # -- one optimiser step done
         state["step"] += 1
         step = state["step"]
-        scheduler.step()
+        if stepped:  # the schedule counts updates; a skipped step leaves the learning rate where it was
+            scheduler.step()
         if ema is not None:
             ema.step(vae.parameters())
         window_steps += 1
@@ -304,7 +317,8 @@ def main(config: TrainConfig) -> Path:
     del batches  # stops the DataLoader workers
 
     step = state["step"]
-    save(step)
+    if saved["step"] != step:  # (a run resumed at its last step has nothing new to save)
+        save(step)
     out = out_dir / "vae"
     if accelerator.is_main_process:
         metrics = validate(vae, ema, val_crops, accelerator, step, out_dir, config.batch_size)
