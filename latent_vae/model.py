@@ -125,7 +125,7 @@ def model_fingerprint(vae: AutoencoderKL) -> str:
     digest.update(json.dumps(config, sort_keys=True, default=list).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu", torch.float32).reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

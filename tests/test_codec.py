@@ -156,7 +156,8 @@ def test_tiled_matches_untiled_within_a_bound_and_blending_helps():
 def test_channels_last_and_bf16_stay_close_to_fp32(tiny_codec):
     image = smooth_image(64, 64)
     reference = tiny_codec.encode(image)
-    assert torch.allclose(codec(channels_last=True).encode(image), reference, atol=1e-4)
+    assert tiny_codec.channels_last  # the default: faster convolutions, same numbers within rounding
+    assert torch.allclose(codec(channels_last=False).encode(image), reference, atol=1e-4)
     bf16 = codec(dtype="bf16").encode(image)
     assert bf16.dtype == torch.float32
     assert (bf16 - reference).abs().max() < 0.1 * reference.abs().max()

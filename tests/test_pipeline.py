@@ -9,7 +9,14 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from latent_vae import LatentCodec, LatentNormalization, build_vae
 from latent_vae.codec import NonFiniteError
-from latent_vae.pipeline import LatentDiffusionPipeline, build_unet, denoising_loss, iterate_batches, train_unet
+from latent_vae.pipeline import (
+    LatentDiffusionPipeline,
+    build_unet,
+    denoising_loss,
+    iterate_batches,
+    train_unet,
+)
+from latent_vae.stats import write_normalization
 
 IMAGE = 64  # pixels: a 16x4x4 latent for the f16 VAE
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, attention_levels=1)
@@ -71,7 +78,7 @@ def test_decoder_receives_denormalised_latents_like_the_codec():
         LatentNormalization(scaling_factor=0.25, shift_factor=0.5),
         LatentNormalization(scaling_factor=2.0, latents_mean=mean, latents_std=std),
     ):
-        pipe.vae.register_to_config(**normalization.to_config())
+        write_normalization(pipe.vae, normalization)
         latents = pipe(num_inference_steps=2, generator=generator(), output_type="latent").images
         seen = record_decode_inputs(pipe.vae)
         images = pipe(num_inference_steps=2, generator=generator(), output_type="pt").images
@@ -83,7 +90,7 @@ def test_decoder_receives_denormalised_latents_like_the_codec():
 
 def test_save_and_load_round_trip(tmp_path):
     pipe = make_pipeline(scheduler=DDIMScheduler(num_train_timesteps=1000))
-    pipe.vae.register_to_config(scaling_factor=0.7, shift_factor=0.1)
+    write_normalization(pipe.vae, LatentNormalization(scaling_factor=0.7, shift_factor=0.1))
     before = pipe(batch_size=2, num_inference_steps=3, generator=generator(), output_type="np").images
     pipe.save_pretrained(tmp_path)
     loaded = LatentDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)

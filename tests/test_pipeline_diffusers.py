@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latent_vae import build_vae
+from latent_vae import LatentNormalization, build_vae
+from latent_vae.stats import write_normalization
 
 LATENT = 4  # latent side: 64x64 images
 
@@ -24,8 +25,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def decode_inputs(pipe, run, configs: list[dict]) -> list[torch.Tensor]:
-    """`run(pipe)` once per VAE config; the latent the VAE decoder received each time."""
+def decode_inputs(pipe, run, normalizations: list[LatentNormalization]) -> tuple[list[torch.Tensor], list]:
+    """`run(pipe)` once per normalisation in the VAE config: the latents the decoder received, and the outputs."""
     seen: list[torch.Tensor] = []
     decode = pipe.vae.decode
 
@@ -35,10 +36,10 @@ def decode_inputs(pipe, run, configs: list[dict]) -> list[torch.Tensor]:
 
     pipe.vae.decode = spy
     outputs = []
-    for config in configs:
-        pipe.vae.register_to_config(**config)
+    for normalization in normalizations:
+        write_normalization(pipe.vae, normalization)
         outputs.append(run(pipe))
-    assert len(seen) == len(configs)
+    assert len(seen) == len(normalizations)
     return seen, outputs
 
 
@@ -57,7 +58,7 @@ def test_dit_pipeline_with_f16_vae():
     def run(p):
         return p(class_labels=[1, 7], num_inference_steps=2, guidance_scale=2.0, generator=torch.manual_seed(0)).images
 
-    seen, outputs = decode_inputs(pipe, run, [dict(scaling_factor=1.0), dict(scaling_factor=0.25)])
+    seen, outputs = decode_inputs(pipe, run, [LatentNormalization(1.0), LatentNormalization(0.25)])
     assert [im.size for im in outputs[0]] == [(LATENT * 16, LATENT * 16)] * 2
     assert seen[0].shape == (2, 16, LATENT, LATENT)
     # DiT applies the scale (latents / scaling_factor) and ignores shift_factor.
@@ -86,7 +87,7 @@ def test_stable_diffusion_pipeline_with_f16_vae():
         return p(prompt_embeds=prompt_embeds, num_inference_steps=2, guidance_scale=1.0,
                  generator=torch.manual_seed(0)).images
 
-    seen, outputs = decode_inputs(pipe, run, [dict(scaling_factor=1.0), dict(scaling_factor=0.5)])
+    seen, outputs = decode_inputs(pipe, run, [LatentNormalization(1.0), LatentNormalization(0.5)])
     assert [im.size for im in outputs[0]] == [(LATENT * 16, LATENT * 16)] * 2
     torch.testing.assert_close(seen[1], seen[0] * 2)  # SD applies the scale, not the shift
 
@@ -112,8 +113,8 @@ def test_flux_pipeline_applies_scale_and_shift():
                  pooled_prompt_embeds=torch.randn(1, 16, generator=torch.manual_seed(2)),
                  height=side, width=side, num_inference_steps=2, generator=torch.manual_seed(0)).images
 
-    configs = [dict(scaling_factor=1.0, shift_factor=0.0), dict(scaling_factor=0.5, shift_factor=0.3)]
-    seen, outputs = decode_inputs(pipe, run, configs)
+    normalizations = [LatentNormalization(1.0, 0.0), LatentNormalization(scaling_factor=0.5, shift_factor=0.3)]
+    seen, outputs = decode_inputs(pipe, run, normalizations)
     assert outputs[0][0].size == (side, side)
     assert seen[0].shape == (1, 16, LATENT, LATENT)
     torch.testing.assert_close(seen[1], seen[0] * 2 + 0.3)  # FLUX: latents / scaling_factor + shift_factor
