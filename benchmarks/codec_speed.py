@@ -7,11 +7,10 @@ this machine's matmul peak, measured in the same run and dtype.
 Variants, all on the same weights and the same input:
 - `diffusers`: `vae.encode(x).latent_dist.mode()` and `vae.decode(z).sample` under `torch.no_grad()`,
   as pipelines call it (contiguous NCHW tensors);
-- `LatentCodec`: the adapter as constructed by default (`tile_size=None` so that all variants do the same
-  arithmetic at every size; tiling only changes what fits in memory);
-- `LatentCodec channels_last`: its existing `channels_last=True` option;
-- `LatentCodec fast`: `channels_last=True` plus `inplace_resnets` (below), the proposed default: the same
-  operations as `channels_last`, bit for bit, with fewer memory passes.
+- `LatentCodec NCHW` and `LatentCodec NHWC`: the adapter with `channels_last` off and on (`tile_size=None`
+  so that all variants do the same arithmetic at every size; tiling only changes what fits in memory).
+  Both have its in-place resnet blocks (`latent_vae.codec._inplace_resnets`: the same operations, bit for
+  bit, with fewer memory passes). The codec's default is NHWC on CPU and NCHW on CUDA, from these numbers.
 
     python -m benchmarks.codec_speed                                   # CPU, fp32: a few minutes
     python -m benchmarks.codec_speed --device cuda --dtype bf16 --batch-size 4
@@ -22,11 +21,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
-import types
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.resnet import ResnetBlock2D
 
 from benchmarks.measure import (
     PeakMemory,
@@ -37,36 +33,18 @@ from benchmarks.measure import (
     matmul_probe,
     result_name,
 )
-from benchmarks.report import RESULTS_DIR, device_label, markdown_table, synchronize, write_results
+from benchmarks.report import (
+    device_label,
+    markdown_table,
+    save_figure,
+    synchronize,
+    write_results,
+)
 from latent_vae import LatentCodec, build_vae
 
 NAME = "codec_speed"
 GOAL_RATIO, GOAL_PEAK, GOAL_RESOLUTION = 1.3, 0.85, 512
 CPU_MAX_GFLOP = 1200.0  # keeps the CPU run to minutes: f8c4's 512x512 decode (2.5 TFLOP) is counted, not run
-
-
-def _inplace_resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb=None, *args, **kwargs):
-    """ResnetBlock2D.forward for inference, with the same operations in the same order (so the same
-    numbers) but SiLU and the residual add done in place, and the division by an output_scale_factor of
-    1 skipped. On CPU every fresh full-size tensor costs page faults and a memory pass."""
-    if torch.is_grad_enabled() or temb is not None or self.upsample is not None or self.downsample is not None:
-        return ResnetBlock2D.forward(self, input_tensor, temb, *args, **kwargs)
-    hidden = F.silu(self.norm1(input_tensor), inplace=True)
-    hidden = F.silu(self.norm2(self.conv1(hidden)), inplace=True)
-    hidden = self.conv2(self.dropout(hidden))
-    shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
-    hidden = hidden.add_(shortcut)  # = input + hidden: addition is commutative, bit for bit
-    return hidden if self.output_scale_factor == 1 else hidden.div_(self.output_scale_factor)
-
-
-def inplace_resnets(vae: torch.nn.Module) -> int:
-    """Give every SiLU ResnetBlock2D of `vae` the in-place inference forward; returns how many."""
-    count = 0
-    for module in vae.modules():
-        if isinstance(module, ResnetBlock2D) and isinstance(module.nonlinearity, torch.nn.SiLU):
-            module.forward = types.MethodType(_inplace_resnet_forward, module)
-            count += 1
-    return count
 
 
 def make_variants(preset: str, device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, tuple]:
@@ -81,17 +59,15 @@ def make_variants(preset: str, device: torch.device, dtype: torch.dtype, batch: 
         with torch.no_grad():
             return plain.decode(z.to(dtype)).sample
 
-    codec = LatentCodec(build_vae(preset, seed=0), device=device, dtype=dtype, tile_size=None, max_batch_size=batch)
-    nhwc = LatentCodec(build_vae(preset, seed=0), device=device, dtype=dtype, tile_size=None, max_batch_size=batch,
-                       channels_last=True)
-    fast = LatentCodec(build_vae(preset, seed=0), device=device, dtype=dtype, tile_size=None, max_batch_size=batch,
-                       channels_last=True)
-    inplace_resnets(fast.vae)
+    def codec(channels_last: bool) -> LatentCodec:
+        return LatentCodec(build_vae(preset, seed=0), device=device, dtype=dtype, tile_size=None,
+                           max_batch_size=batch, channels_last=channels_last)
+
+    nchw, nhwc = codec(False), codec(True)
     return {
         "diffusers": (plain_encode, plain_decode),
-        "LatentCodec": (codec.encode, codec.decode),
-        "LatentCodec channels_last": (nhwc.encode, nhwc.decode),
-        "LatentCodec fast": (fast.encode, fast.decode),
+        "LatentCodec NCHW": (nchw.encode, nchw.decode),
+        "LatentCodec NHWC": (nhwc.encode, nhwc.decode),
     }
 
 
@@ -250,10 +226,7 @@ def plot(rows, peak, device) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=8)
     ax.set(ylabel="% of the matmul peak", title=f"VAE encode/decode throughput ({device_label(device)})")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path = RESULTS_DIR / f"{result_name(NAME, device)}.png"
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, result_name(NAME, device))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,7 +27,13 @@ from benchmarks.measure import (
     is_out_of_memory,
     result_name,
 )
-from benchmarks.report import RESULTS_DIR, device_label, markdown_table, synchronize, write_results
+from benchmarks.report import (
+    device_label,
+    markdown_table,
+    save_figure,
+    synchronize,
+    write_results,
+)
 from latent_vae import build_vae
 from latent_vae.pipeline import LatentDiffusionPipeline, build_unet, train_step
 
@@ -248,10 +254,7 @@ def plot(rows: list[dict], summary: list[dict], args, device) -> None:
              title=f"latent speed-up ({device_label(device)})")
     ax_x.set_xticks(resolutions, [str(r) for r in resolutions])
     ax_x.legend(fontsize=8)
-    fig.tight_layout()
-    path = RESULTS_DIR / f"{result_name(NAME, device)}.png"
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, result_name(NAME, device))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

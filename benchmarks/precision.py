@@ -15,6 +15,7 @@ import torch
 
 from latent_vae import LatentCodec, NonFiniteError, load_vae
 
+from .measure import result_name
 from .report import device_label, time_call, write_results
 
 
@@ -37,6 +38,7 @@ def main() -> None:
     for dtype in ("fp32", "bf16", "fp16"):
         codec = LatentCodec(load_vae(args.model, seed=0), device=args.device, dtype=dtype, tile_size=None,
                             max_batch_size=args.batch_size)
+        codec_device = codec.device
         row = {"dtype": dtype, "device": device_label(codec.device)}
         try:
             latents = codec.encode(pixels)
@@ -56,14 +58,13 @@ def main() -> None:
             row["decode_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         row["result"] = "ok"
         rows.append(row)
-        del codec
     fp32 = next((r for r in rows if r["dtype"] == "fp32" and "encode_s_per_image" in r), None)
     for row in rows:
         if fp32 and "encode_s_per_image" in row:
             row["speedup_vs_fp32"] = (fp32["encode_s_per_image"] + fp32["decode_s_per_image"]) / (
                 row["encode_s_per_image"] + row["decode_s_per_image"])
     write_results(
-        f"precision_{rows[0]['device'].split()[0].lower()}", rows,
+        result_name("precision", codec_device), rows,
         notes=f"{args.model} at {args.resolution}x{args.resolution}, batch {args.batch_size}, untiled; "
         "errors are against fp32 in the same run.",
     )

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.measure import result_name
 from benchmarks.report import device_label, synchronize, write_results
 from latent_vae import LatentCodec, build_vae
 from latent_vae.codec import resolve_device
@@ -138,7 +139,7 @@ def main() -> None:
              f"1.1-1.6x the resolution, decoded and resized in DataLoader workers; best of {args.repeats}. "
              "The whole run counts folder scan, worker start-up, encoding and parquet writes (not process "
              "start-up or model loading). On CPU the workers share the cores that encode.")
-    write_results(NAME, rows, notes=notes, columns=["variant", "images/s", "relative", "device", "config"],
+    write_results(result_name(NAME, device), rows, notes=notes, columns=["variant", "images/s", "relative", "device", "config"],
                   extra={"goal": GOAL, "ratio": ratio, "args": vars(args)})
 
 

@@ -15,35 +15,19 @@ are too few for a meaningful FID anyway.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.measure import add_device_args, device_and_dtype, result_name
-from benchmarks.report import RESULTS_DIR, device_label, write_results
+from benchmarks.report import device_label, save_figure, write_results
 from latent_vae import LatentCodec, load_vae
 from latent_vae.images import find_images, load_image, pil_to_tensor
-from latent_vae.metrics import psnr, ssim
+from latent_vae.metrics import bicubic_equal_values, psnr, ssim
 
 NAME = "quality"
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbsd68"
-
-
-def equal_values_side(height: int, width: int, values: int) -> tuple[int, int]:
-    """(h, w) of a 3-channel image with the aspect of HxW that holds about `values` numbers."""
-    scale = math.sqrt(values / (3 * height * width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def bicubic_equal_values(image: torch.Tensor, values: int) -> torch.Tensor:
-    """float 3xHxW in [-1, 1] -> shrunk to `values` numbers and enlarged back, both bicubic."""
-    height, width = image.shape[-2:]
-    small = F.interpolate(image[None], size=equal_values_side(height, width, values), mode="bicubic",
-                          antialias=True, align_corners=False)
-    return F.interpolate(small, size=(height, width), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
 
 
 def load_lpips(device: torch.device):
@@ -137,10 +121,7 @@ def plot(results, examples, label, device) -> None:
             ax.imshow(tensor.permute(1, 2, 0).add(1).div(2).clamp(0, 1).numpy())
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    path = RESULTS_DIR / f"{result_name(NAME, device)}.png"
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    save_figure(fig, result_name(NAME, device), dpi=100)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -63,6 +63,16 @@ def time_call(fn: Callable[[], object], device: torch.device | str, *, warmup: i
     return sorted(times)[len(times) // 2]
 
 
+def save_figure(fig, stem: str, dpi: int = 120) -> Path:
+    """`results/STEM.png` from a matplotlib figure."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    path = RESULTS_DIR / f"{stem}.png"
+    fig.savefig(path, dpi=dpi)
+    print(f"wrote {path}")
+    return path
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     columns = list(columns or rows[0].keys())
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import RESULTS_DIR, write_results
-from latent_vae.metrics import psnr, ssim
+from latent_vae.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
 from latent_vae.model import build_vae, count_parameters
 from latent_vae.presets import get_preset
 
@@ -131,13 +131,6 @@ def eval_images(data: Path) -> torch.Tensor:
     return torch.stack([centre_crop(load_rgb(p), EVAL_SIZE) for p in sorted((data / "cset14").glob("*.png"))])
 
 
-def bicubic_equal_values(images: torch.Tensor, latent_values: int) -> tuple[torch.Tensor, int]:
-    """Down-sample to s x s x 3 with 3 s^2 <= the latent's values (antialiased bicubic), up-sample back."""
-    side = int(math.sqrt(latent_values / images.shape[1]))
-    small = F.interpolate(images, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-    return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1), side
-
-
 def random_crops(photos: list[torch.Tensor], batch: int, crop: int, generator: torch.Generator) -> torch.Tensor:
     out = []
     for i in torch.randint(len(photos), (batch,), generator=generator).tolist():
@@ -215,7 +208,8 @@ def main(args: argparse.Namespace) -> None:
     images = eval_images(args.data)
     spec = get_preset("f16c16")
     latent_values = math.prod(spec.latent_shape(EVAL_SIZE, EVAL_SIZE))
-    baseline, side = bicubic_equal_values(images, latent_values)
+    baseline = bicubic_equal_values(images, latent_values)
+    side = equal_values_size(EVAL_SIZE, EVAL_SIZE, latent_values)[0]
     rows.append({"arm": f"bicubic {side}x{side}x3 (<= {latent_values} values)", "shortcut": "-", "steps": 0,
                  "psnr": psnr(images, baseline).mean().item(), "ssim": ssim(images, baseline).mean().item()})
     budget = f"{args.minutes} min of wall time" if seconds else f"{args.steps} steps"

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
+from benchmarks.measure import result_name
 from benchmarks.report import device_label, synchronize, write_results
 from latent_vae import build_vae
 from latent_vae.model import count_parameters
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--name", default="", help="results file name (default: train_speed_<device>)")
+    parser.add_argument("--name", default="", help="results file name (default: train_speed, or train_speed_cuda on a GPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,9 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         print(result, flush=True)
         rows.append(result)
         accelerator.free_memory()
-    device = "gpu" if accelerator.device.type == "cuda" else "cpu"
     write_results(
-        args.name or f"train_speed_{device}", rows,
+        args.name or result_name("train_speed", accelerator.device), rows,
         notes=f"Device: {device_label(accelerator.device)}, torch threads {torch.get_num_threads()}. Median of "
               f"{args.steps} steps after {args.warmup} warm-up; data loading excluded; LPIPS weights random (same cost).",
     )

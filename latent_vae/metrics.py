@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 
@@ -22,3 +25,20 @@ def ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(
         _to_unit(reconstruction), _to_unit(reference), data_range=1.0, reduction="none"
     )
+
+
+def equal_values_size(height: int, width: int, values: int) -> tuple[int, int]:
+    """The largest (h, w) with the aspect of HxW whose 3 x h x w numbers do not exceed `values`."""
+    scale = math.sqrt(values / (3 * height * width))
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
+def bicubic_equal_values(images: torch.Tensor, values: int) -> torch.Tensor:
+    """The baseline a VAE must beat: images (Nx3xHxW or 3xHxW, in [-1, 1]) shrunk to at most `values`
+    numbers each (the latent's C x h x w), antialiased bicubic, then enlarged back, bicubic."""
+    batch = images if images.ndim == 4 else images[None]
+    height, width = batch.shape[-2:]
+    small = F.interpolate(batch, size=equal_values_size(height, width, values), mode="bicubic", antialias=True,
+                          align_corners=False)
+    restored = F.interpolate(small, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return restored if images.ndim == 4 else restored[0]

@@ -10,6 +10,16 @@ from PIL import Image
 TINY = "f16c16-tiny"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models are latency-bound: on a shared 2-core machine a second thread only adds waiting
+    (tiny training runs measured about 5x slower and erratic with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     """uint8 HxWx3 with smooth gradients and blobs: more like a photo than white noise."""
     rng = np.random.default_rng(seed)

@@ -22,15 +22,6 @@ IMAGE = 64  # pixels: a 16x4x4 latent for the f16 VAE
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, attention_levels=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are latency-bound: on a shared 2-core machine a second thread only adds waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_pipeline(num_class_embeds: int | None = None, scheduler=None) -> LatentDiffusionPipeline:
     vae = build_vae("f16c16-tiny", seed=0)
     pipe = LatentDiffusionPipeline.from_vae(

@@ -16,15 +16,6 @@ from latent_vae.stats import write_normalization
 LATENT = 4  # latent side: 64x64 images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are latency-bound: on a shared 2-core machine a second thread only adds waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def decode_inputs(pipe, run, normalizations: list[LatentNormalization]) -> tuple[list[torch.Tensor], list]:
     """`run(pipe)` once per normalisation in the VAE config: the latents the decoder received, and the outputs."""
     seen: list[torch.Tensor] = []

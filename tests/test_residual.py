@@ -22,15 +22,6 @@ from latent_vae.residual import (
 TINY_RES = "f16c16-tiny-res"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are latency-bound: on a shared 2-core machine a second thread only adds waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(shortcut: str = "stage", seed: int = 0, **kwargs) -> ResidualAutoencoderKL:
     torch.manual_seed(seed)
     return ResidualAutoencoderKL(**get_preset("f16c16-tiny").diffusers_config(), shortcut=shortcut, **kwargs).eval()

@@ -21,15 +21,11 @@ from training.train_vae import main
 
 
 @pytest.fixture(autouse=True)
-def one_thread_and_a_fresh_accelerator():
-    """One thread: tiny convolutions only lose to threading, badly so on a shared machine. And a fresh
-    Accelerate state per run, as a new process would have (its state is a process-wide singleton)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_accelerator():
+    """A fresh Accelerate state per run, as a new process would have (its state is a process-wide singleton)."""
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
