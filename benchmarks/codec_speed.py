@@ -41,6 +41,7 @@ from benchmarks.report import (
     write_results,
 )
 from latent_vae import LatentCodec, build_vae
+from latent_vae.presets import downsampling_factor
 
 NAME = "codec_speed"
 GOAL_RATIO, GOAL_PEAK, GOAL_RESOLUTION = 1.3, 0.85, 512
@@ -127,7 +128,7 @@ def main(args: argparse.Namespace) -> None:
     for preset in args.presets:
         with torch.device("meta"):
             meta = build_vae(preset)
-        factor = 2 ** (len(meta.config.block_out_channels) - 1)
+        factor = downsampling_factor(meta.config.block_out_channels)
         channels = int(meta.config.latent_channels)
         variants = make_variants(preset, device, dtype, args.batch_size)
         agreement[preset] = check_same_outputs(variants, device, dtype, channels)

@@ -36,6 +36,7 @@ from benchmarks.report import (
 )
 from latent_vae import build_vae
 from latent_vae.pipeline import LatentDiffusionPipeline, build_unet, train_step
+from latent_vae.presets import downsampling_factor
 
 CLAIM = 50.0  # "latent diffusion is ~50x faster than pixel diffusion"
 NAME = "latent_vs_pixel"
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> None:
     autocast = dtype if dtype != torch.float32 else None
     max_gflop = args.max_gflop if args.max_gflop is not None else (math.inf if device.type == "cuda" else 2500.0)
     vae = build_vae(args.vae, seed=0)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downsampling_factor(vae.config.block_out_channels)
     latent_channels = int(vae.config.latent_channels)
 
     # One UNet configuration for both spaces: only conv_in/conv_out differ (3 vs 16 channels).

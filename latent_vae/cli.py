@@ -18,13 +18,20 @@ from tqdm.auto import tqdm
 
 from .codec import LatentCodec, NonFiniteError, interpolate_latents
 from .images import (
-    ImageError, error_map, find_images, image_grid, image_strip, load_image, pil_to_tensor, tensor_to_uint8,
+    ImageError,
+    error_map,
+    find_images,
+    image_grid,
+    image_strip,
+    load_image,
+    pil_to_tensor,
+    tensor_to_uint8,
 )
 from .latent_files import LatentFile, load_latent_file, save_latent_file
 from .metrics import psnr, ssim
 from .model import codec_flops, count_parameters, load_vae, save_vae
 from .precompute import add_precompute_arguments, run_precompute
-from .presets import DEFAULT_PRESET, PRESETS
+from .presets import DEFAULT_PRESET, PRESETS, downsampling_factor
 from .stats import calibrate
 
 EXIT_BAD_INPUT = 2  # the whole command could not run
@@ -201,7 +208,7 @@ def _square(image: Image.Image, size: int) -> Image.Image:
 def run_info(args: argparse.Namespace) -> int:
     vae = load_vae(args.model, seed=args.seed)
     config = vae.config
-    factor = 2 ** (len(config.block_out_channels) - 1)
+    factor = downsampling_factor(config.block_out_channels)
     height = width = args.resolution
     latent = (config.latent_channels, -(-height // factor), -(-width // factor))
     encode_flops, decode_flops = codec_flops(vae, height, width)

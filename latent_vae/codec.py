@@ -16,6 +16,7 @@ from PIL import Image
 
 from .images import ImageInput, as_image_tensors, pad_to_multiple, tensor_to_pil, tensor_to_uint8
 from .model import load_vae, model_fingerprint
+from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -95,7 +96,7 @@ class LatentCodec:
             vae = vae.to(self.dtype)
         self.vae = vae.eval().requires_grad_(False)
         _inplace_resnets(vae)
-        self.downsampling_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.downsampling_factor = downsampling_factor(vae.config.block_out_channels)
         self.latent_channels = int(vae.config.latent_channels)
         self.tile_size = tile_size
         if tile_size is not None:

@@ -22,6 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from .codec import NonFiniteError
+from .presets import downsampling_factor
 from .stats import LatentNormalization
 
 # The UNet of the latent-vs-pixel benchmark (DESIGN.md): 53 GFLOP per step on a 16x64x64 latent.
@@ -75,7 +76,7 @@ def build_unet(
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:
     """Pixels per latent side, as every diffusers pipeline derives it."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return downsampling_factor(vae.config.block_out_channels)
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+def downsampling_factor(block_out_channels) -> int:
+    """Pixels per latent side: every level but the last halves the resolution (diffusers pipelines derive
+    `vae_scale_factor` the same way)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 @dataclass(frozen=True)
 class VAEPreset:
     """The architecture of a KL-VAE; everything else (weights, normalisation) lives in the model."""
@@ -21,8 +27,7 @@ class VAEPreset:
 
     @property
     def downsampling_factor(self) -> int:
-        """Pixels per latent side: every level but the last halves the resolution."""
-        return 2 ** (len(self.block_out_channels) - 1)
+        return downsampling_factor(self.block_out_channels)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of an image of this size (sizes are padded up to the factor)."""

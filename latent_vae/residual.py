@@ -27,6 +27,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from torch import nn
 
+from .presets import downsampling_factor
+
 # A pipeline saved with this VAE names it ["latent_vae.residual", "ResidualAutoencoderKL"] in model_index.json;
 # diffusers' pipeline loader then looks up its loadable base classes (ModelMixin) in this module by name,
 # which is why ModelMixin is imported here.
@@ -231,7 +233,7 @@ class ResidualAutoencoderKL(AutoencoderKL):
         self.register_to_config(
             down_block_types=(DOWN_BLOCK,) * len(down_block_types), up_block_types=(UP_BLOCK,) * len(up_block_types)
         )
-        factor = 2 ** (len(block_out_channels) - 1)
+        factor = downsampling_factor(block_out_channels)
         # The same modules and parameters, with a forward that adds the shortcuts (no new state).
         for module, cls in ((self.encoder, ShortcutEncoder), (self.decoder, ShortcutDecoder)):
             module.__class__ = cls
