@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .codec import LatentCodec, NonFiniteError, interpolate_latents
 from .images import (
     ImageError,
+    centre_square,
     error_map,
     find_images,
     image_grid,
@@ -191,18 +192,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
             tqdm.write(f"skipped: {error}", file=sys.stderr)
             continue
         # one size for every image, so they batch: centre crop to a square, resize to --resolution
-        images.append(_square(image, args.resolution))
+        images.append(centre_square(image, args.resolution))
     normalization = calibrate(codec, images, per_channel=args.per_channel)
     save_vae(codec.vae.to("cpu", torch.float32), model_dir)
     print(json.dumps({"images": len(images), **normalization.to_config()}, indent=None))
     print(f"saved the calibrated model to {model_dir}")
     return 0
-
-
-def _square(image: Image.Image, size: int) -> Image.Image:
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -243,7 +238,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_interpolate(args: argparse.Namespace) -> int:
     codec = open_codec(args)
-    first, second = (_square(load_image(p), args.resolution) for p in (args.image_a, args.image_b))
+    first, second = (centre_square(load_image(p), args.resolution) for p in (args.image_a, args.image_b))
     latents = codec.encode([first, second])
     path = interpolate_latents(latents[0], latents[1], args.steps, mode=args.mode)
     frames = codec.decode(path, output_type="pil")
@@ -275,7 +270,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in tqdm(sample_photos(), desc="demo", unit="img"):
-        image = _square(load_image(path), args.resolution)
+        image = centre_square(load_image(path), args.resolution)
         encoded = codec.encode(image, return_dict=True)
         result = codec.decode(encoded.latents)
         reference = pil_to_tensor(image).unsqueeze(0)

@@ -56,6 +56,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def centre_square(image: Image.Image, size: int) -> Image.Image:
+    """The largest centred square of the image, resized to size x size (bicubic)."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL -> float 3xHxW in [-1, 1]"""
     array = np.asarray(to_rgb(image), dtype=np.uint8)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from latent_vae import LatentCodec, interpolate_latents
 from latent_vae.images import (
+    centre_square,
     error_map,
     image_strip,
     load_image,
@@ -52,10 +53,8 @@ def sample_photo_folder() -> Path:
 
 
 def square(image: Image.Image, size: int) -> torch.Tensor:
-    """Centre square, resized to size x size (bicubic): float 1x3xHxW in [-1, 1]."""
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return pil_to_tensor(image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC))[None]
+    """Centre square, resized to size x size: float 1x3xHxW in [-1, 1]."""
+    return pil_to_tensor(centre_square(image, size))[None]
 
 
 def evaluate(model_dir: Path, holdout: Path, partner: Path, out: Path) -> dict:
