@@ -23,13 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import RESULTS_DIR, write_results
+from latent_vae.images import load_image, pil_to_tensor
 from latent_vae.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
 from latent_vae.model import build_vae, count_parameters
 from latent_vae.presets import get_preset
@@ -109,12 +108,6 @@ def build(arm: Arm, seed: int):
     return vae
 
 
-def load_rgb(path: Path) -> torch.Tensor:
-    """3xHxW float in [-1, 1]."""
-    image = Image.open(path).convert("RGB")
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
-
-
 def centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """Centre crop; an image whose short side is below `size` is first enlarged (bicubic) to reach it."""
     h, w = image.shape[-2:]
@@ -128,7 +121,7 @@ def centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def eval_images(data: Path) -> torch.Tensor:
-    return torch.stack([centre_crop(load_rgb(p), EVAL_SIZE) for p in sorted((data / "cset14").glob("*.png"))])
+    return torch.stack([centre_crop(pil_to_tensor(load_image(p)), EVAL_SIZE) for p in sorted((data / "cset14").glob("*.png"))])
 
 
 def random_crops(photos: list[torch.Tensor], batch: int, crop: int, generator: torch.Generator) -> torch.Tensor:
@@ -158,7 +151,7 @@ def train_arm(name: str, arm: Arm, seconds: float | None, steps: int | None, thr
     """Train one arm until its time or step budget is spent, then score it; the row goes on `queue`."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    photos = [load_rgb(p) for p in sorted((Path(data) / "cbsd68").glob("*.png"))]
+    photos = [pil_to_tensor(load_image(p)) for p in sorted((Path(data) / "cbsd68").glob("*.png"))]
     vae = build(arm, seed).train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=arm.lr)
     # Adam moves every weight by about lr from the first step: warm up so that zero-initialised
