@@ -25,6 +25,7 @@ from benchmarks.report import device_label, save_figure, write_results
 from latent_vae import LatentCodec, load_vae
 from latent_vae.images import find_images, load_image, pil_to_tensor
 from latent_vae.metrics import bicubic_equal_values, psnr, ssim
+from latent_vae.residual import ResidualAutoencoderKL
 
 NAME = "quality"
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbsd68"
@@ -47,11 +48,18 @@ def main(args: argparse.Namespace) -> None:
     vae = load_vae(args.model, seed=0)
     trained = Path(args.model).exists()
     codec = LatentCodec(vae, device=device, dtype=dtype, tile_size=args.tile_size)
+    # A shortcut model starts as its parameter-free code: score that too, to show what training added.
+    code_codec = None
+    if isinstance(vae, ResidualAutoencoderKL) and trained:
+        untrained = ResidualAutoencoderKL.from_config({**vae.config, "zero_init": True})
+        code_codec = LatentCodec(untrained, device=device, dtype=dtype, tile_size=args.tile_size)
     paths = find_images(args.images)[: args.max_images]
     if not paths:
         raise SystemExit(f"no images under {args.images}")
     lpips, lpips_note = load_lpips(device)
     results: dict[str, dict[str, list[float]]] = {"vae": {}, "bicubic": {}}
+    if code_codec is not None:
+        results["code"] = {}
     examples = []
     for index, path in enumerate(paths):
         image = pil_to_tensor(load_image(path))
@@ -61,7 +69,10 @@ def main(args: argparse.Namespace) -> None:
         # The latent of the padded image is what is stored: count its values, padding included.
         values = encoded.latents[0].numel()
         baseline = bicubic_equal_values(image, values)
-        for method, output in (("vae", recon), ("bicubic", baseline)):
+        outputs = {"vae": recon, "bicubic": baseline}
+        if code_codec is not None:
+            outputs["code"] = code_codec.decode(code_codec.encode(image), image_size=encoded.image_size).cpu()[0]
+        for method, output in outputs.items():
             metrics = results[method]
             metrics.setdefault("psnr", []).append(float(psnr(image[None], output[None])))
             metrics.setdefault("ssim", []).append(float(ssim(image[None], output[None])))
@@ -76,7 +87,8 @@ def main(args: argparse.Namespace) -> None:
               flush=True)
 
     label = {"vae": f"VAE `{args.model}`" + ("" if trained else " (fresh, UNTRAINED weights)"),
-             "bicubic": "bicubic down+up, equal values"}
+             "bicubic": "bicubic down+up, equal values",
+             "code": f"its untrained {getattr(vae.config, 'shortcut', '')} shortcut code (zero-init, no training)"}
     rows = []
     for method, metrics in results.items():
         row = {"method": label[method], "images": len(paths),
@@ -85,10 +97,15 @@ def main(args: argparse.Namespace) -> None:
         row["LPIPS"] = statistics.mean(metrics["lpips"]) if "lpips" in metrics else "-"
         rows.append(row)
     wins = sum(v > b for v, b in zip(results["vae"]["psnr"], results["bicubic"]["psnr"]))
+    if "code" in results:
+        over_code = sum(v > c for v, c in zip(results["vae"]["psnr"], results["code"]["psnr"]))
+        wins = f"{wins} of {len(paths)} images, and its untrained code's on {over_code}"
+    else:
+        wins = f"{wins} of {len(paths)} images"
     notes = (
         f"Images: {args.images} ({len(paths)}), full size (padded to the VAE's factor, cropped back). "
         f"{device_label(device)}, {str(dtype).replace('torch.', '')}. The VAE beats the baseline's PSNR on "
-        f"{wins} of {len(paths)} images. LPIPS: {lpips_note}. "
+        f"{wins}. LPIPS: {lpips_note}. "
         "rFID: not computed (needs downloaded Inception weights; 68 images are too few for FID). "
         "Reference points (DESIGN.md): LDM kl-f16 on ImageNet val PSNR 24.08, SSIM 0.68."
     )

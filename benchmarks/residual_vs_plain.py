@@ -1,15 +1,15 @@
-"""Plain vs residual (DC-AE shortcut) f16c16 KL-VAEs trained for equal wall time (or equal steps) on CPU.
+"""Plain vs residual (shortcut) f16c16 KL-VAEs trained for equal wall time (or equal steps) on CPU.
 
 Every arm trains in its own process with `--threads` torch threads, all arms at the same time, so that on a
 shared machine they see the same contention; each is then scored on photos it never saw (Set14, 256x256
 centre crops), next to the bicubic equal-values baseline: down-sample to as many values as the latent
 holds, up-sample back. A model below that line is worse than resizing.
 
-    python benchmarks/residual_vs_plain.py --minutes 10                  # the README table
+    python benchmarks/residual_vs_plain.py --minutes 10                  # the README table (2 arms)
     python benchmarks/residual_vs_plain.py --steps 100 --arms plain global stage  # equal steps, exploring
 
 Arms are NAME or NAME:key=value,... over the defaults of `Arm` (e.g. `stage:lr=1e-3,zero_init=0`).
-The training loop is deliberately small (L1 + KL, Adam): it measures the architecture, not a recipe.
+The training loop is deliberately small (L1 or MSE + KL, Adam): it measures the architecture, not a recipe.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ ARMS = {
     "global-small": Arm(shortcut="global", widths="16-16-32-32-64", layers=1, lr=3e-4, warmup=20, crop=64),
     # + a higher rate after warm-up, and the loss PSNR measures
     "global-fast": Arm(shortcut="global", widths="16-16-32-32-64", layers=1, lr=1e-3, warmup=50, crop=64, loss="mse"),
+    # the same with the thumbnail shortcut: a YCbCr thumbnail code enlarged bicubically instead of the block code
+    "thumbnail-fast": Arm(shortcut="thumbnail", widths="16-16-32-32-64", layers=1, lr=1e-3, warmup=50, crop=64,
+                          loss="mse"),
 }
 
 
@@ -153,6 +156,8 @@ def train_arm(name: str, arm: Arm, seconds: float | None, steps: int | None, thr
     torch.manual_seed(seed)
     photos = [pil_to_tensor(load_image(p)) for p in sorted((Path(data) / "cbsd68").glob("*.png"))]
     vae = build(arm, seed).train()
+    # what the untrained model (with zero_init: the shortcut's code alone) scores, before the clock starts
+    start_psnr, start_ssim = score(vae, eval_images(Path(data)))
     optimizer = torch.optim.Adam(vae.parameters(), lr=arm.lr)
     # Adam moves every weight by about lr from the first step: warm up so that zero-initialised
     # branches do not all jump at once and scramble the shortcut's code.
@@ -177,7 +182,8 @@ def train_arm(name: str, arm: Arm, seconds: float | None, steps: int | None, thr
         "arm": name, "shortcut": getattr(vae.config, "shortcut", None) or "none",
         "zero_init": bool(getattr(vae.config, "zero_init", False)), "params_M": count_parameters(vae) / 1e6,
         "lr": arm.lr, "batch": arm.batch, "crop": arm.crop, "loss": arm.loss, "steps": step,
-        "train_min": train_s / 60, "s_per_step": train_s / max(step, 1), "psnr": value_psnr, "ssim": value_ssim,
+        "train_min": train_s / 60, "s_per_step": train_s / max(step, 1), "untrained_psnr": start_psnr, "untrained_ssim": start_ssim,
+        "psnr": value_psnr, "ssim": value_ssim,
     })
 
 
@@ -209,20 +215,21 @@ def main(args: argparse.Namespace) -> None:
     notes = (
         f"Each arm trained for {budget} in its own process with {args.threads} torch thread(s), all "
         f"{len(arms)} arms at the same time (same contention), seed {args.seed}, on random crops with flips of "
-        f"the 68 CBSD68 photos; scored (posterior mode) on the 13 Set14 images never seen in training, "
-        f"{EVAL_SIZE}x{EVAL_SIZE} centre crops (the one smaller image enlarged first). Loss L1 or MSE + KL "
+        f"the 68 CBSD68 photos; scored (posterior mode) before training (untrained_*) and after it on the 13 Set14 images never "
+        f"seen in training, {EVAL_SIZE}x{EVAL_SIZE} centre crops (the one smaller image enlarged first). Loss L1 or MSE + KL "
         f"(LDM's 1e-6 balance), Adam, sampled posterior. Bicubic: antialiased down-sampling to as many values as the "
         f"16-channel f16 latent holds, bicubic up-sampling."
     )
     columns = ["arm", "shortcut", "zero_init", "params_M", "lr", "batch", "crop", "loss", "steps", "train_min",
-               "s_per_step", "psnr", "ssim"]
+               "s_per_step", "untrained_psnr", "untrained_ssim", "psnr", "ssim"]
     write_results(args.name, rows, notes=notes, columns=columns, out_dir=args.out,
                   extra={"arms": {name: dataclasses.asdict(arm) for name, arm in arms}})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=["plain", "global", "global-small", "global-fast"], help="NAME[:key=value,...] (see Arm)")
+    parser.add_argument("--arms", nargs="+", default=["global-fast", "thumbnail-fast"],
+                        help="NAME[:key=value,...] (see Arm; the earlier table: plain global global-small global-fast)")
     parser.add_argument("--minutes", type=float, default=None, help="equal wall time per arm")
     parser.add_argument("--steps", type=int, default=None, help="equal steps per arm (when exploring)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")

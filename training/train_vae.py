@@ -209,8 +209,10 @@ def main(config: TrainConfig) -> Path:
                           start=state["samples_seen"], num_workers=config.num_workers, **dataset_kwargs)
     batches = iter(loader)
     images_per_step = config.batch_size * config.gradient_accumulation_steps * world
-    progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
-                    desc="train", dynamic_ncols=True)
+    # Under a time budget the step count at the end is unknown: count steps and show the minutes left instead
+    # of a bar towards max_steps that would never fill.
+    progress = tqdm(total=None if config.max_minutes > 0 else config.max_steps, initial=state["step"],
+                    disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
 
     saved = {"step": state["step"] if checkpoint is not None else -1}
 
@@ -295,7 +297,10 @@ def main(config: TrainConfig) -> Path:
             logs.update({"lr": scheduler.get_last_lr()[0], "images_per_s": window_steps * images_per_step / elapsed,
                          "nonfinite_skipped": state["nonfinite_skipped"], "images_skipped": images_skipped})
             accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}")
+            postfix = {"loss": f"{logs['loss']:.4f}", "img_s": f"{logs['images_per_s']:.1f}"}
+            if config.max_minutes > 0:
+                postfix["min_left"] = f"{max(0.0, config.max_minutes - (time.monotonic() - started) / 60):.1f}"
+            progress.set_postfix(postfix)
             window_start, window_steps = time.monotonic(), 0
         progress.update(1)
 
