@@ -30,7 +30,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import latents as fmt
-from .images import IMAGE_SUFFIXES, to_rgb
+from .datasets_on_disk import open_saved_dataset, pick_split, read_table_files
+from .images import to_rgb
 
 # Files in an image folder that describe images rather than being images.
 METADATA_FILE = "metadata.jsonl"
@@ -130,69 +131,34 @@ def _folder_rows(folder: Path, caption_column: str) -> dict[str, list]:
     return rows
 
 
-def _pick_split(dataset, split: str | None, where: str):
-    import datasets
-
-    if not isinstance(dataset, datasets.DatasetDict):
-        return dataset
-    if split is None:
-        if "train" in dataset or len(dataset) == 1:
-            split = "train" if "train" in dataset else next(iter(dataset))
-        else:
-            raise ValueError(f"{where} has splits {', '.join(dataset)}: choose one with --split")
-    if split not in dataset:
-        raise ValueError(f"{where} has no split {split!r} (it has {', '.join(dataset)})")
-    return dataset[split]
-
-
 def open_source(data: Any, options: PrecomputeOptions) -> Source:
     """SRC -> Source: an image folder, a save_to_disk folder, parquet/arrow files (a path, a glob or a list),
     or a datasets.Dataset / DatasetDict."""
     import datasets
 
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
-        return _dataset_source(_pick_split(data, options.split, "the dataset"), options, f"{type(data).__name__}")
+        return _dataset_source(pick_split(data, options.split, "the dataset"), options, f"{type(data).__name__}")
     if isinstance(data, (str, os.PathLike)):
         text = str(data)
-        files = [Path(p) for p in sorted(glob.glob(text))] if any(c in text for c in "*?[") else None
+        if any(c in text for c in "*?["):
+            files = [Path(p) for p in sorted(glob.glob(text))]
+            return _dataset_source(read_table_files(files, text, options.cache_dir), options, text)
         path = Path(text).expanduser()
-        if files is None and not path.exists():
+        if not path.exists():
             raise ValueError(f"{text}: no such file or folder")
-        if files is None and path.is_dir():
-            if any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
-                loaded = _pick_split(datasets.load_from_disk(str(path)), options.split, text)
-                return _dataset_source(loaded, options, text)
-            tables = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".arrow"))
-            images = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
-            if tables and not images:
-                files = tables
-            else:
-                rows = _folder_rows(path, options.caption_column)
-                if not rows[FOLDER_IMAGE_COLUMN]:
-                    raise ValueError(f"{text}: an empty folder (no images, parquet or arrow files)")
-                dataset = datasets.Dataset.from_dict(rows).cast_column(FOLDER_IMAGE_COLUMN, datasets.Image(decode=False))
-                return Source(dataset, FOLDER_IMAGE_COLUMN, rows["file_name"], "file_name", text)
-        if files is None:
-            files = [path]
-        return _dataset_source(_read_table_files(files, text, options), options, text)
+        dataset = open_saved_dataset(path, options.split, options.cache_dir)
+        if dataset is not None:
+            return _dataset_source(dataset, options, text)
+        rows = _folder_rows(path, options.caption_column)
+        if not rows[FOLDER_IMAGE_COLUMN]:
+            raise ValueError(f"{text}: an empty folder (no images, parquet or arrow files)")
+        dataset = datasets.Dataset.from_dict(rows).cast_column(FOLDER_IMAGE_COLUMN, datasets.Image(decode=False))
+        return Source(dataset, FOLDER_IMAGE_COLUMN, rows["file_name"], "file_name", text)
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, (str, os.PathLike)) for d in data):
-        return _dataset_source(_read_table_files([Path(d) for d in data], str(data[0]), options), options,
-                               f"{len(data)} files")
+        files = [Path(d) for d in data]
+        return _dataset_source(read_table_files(files, str(data[0]), options.cache_dir), options, f"{len(data)} files")
     raise ValueError(f"unsupported data source of type {type(data).__name__}: pass an image folder, a datasets "
                      "folder, parquet or arrow files, or a datasets.Dataset")
-
-
-def _read_table_files(files: list[Path], where: str, options: PrecomputeOptions):
-    import datasets
-
-    if not files:
-        raise ValueError(f"{where}: matches no files")
-    suffixes = {f.suffix for f in files}
-    if suffixes == {".parquet"}:
-        return datasets.Dataset.from_parquet([str(f) for f in files], cache_dir=options.cache_dir)
-    if suffixes == {".arrow"}:
-        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
-    raise ValueError(f"{where}: expected .parquet or .arrow files (or an image folder), got {', '.join(sorted(suffixes))}")
 
 
 def _dataset_source(dataset, options: PrecomputeOptions, description: str) -> Source:

@@ -122,6 +122,25 @@ def test_datasets_on_disk_load_as_folder_parquet_and_arrow(tmp_path):
         ImageSource(tmp_path / "saved", image_column="pixels")
 
 
+def test_a_saved_datasetdict_trains_on_the_chosen_split(tmp_path):
+    """The same opener as precompute: "train" by default, --split picks another, an ambiguous dict is refused."""
+    import datasets
+
+    def images(values):
+        rows = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in values]
+        return datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()}))
+
+    datasets.DatasetDict({"train": images([10, 20]), "test": images([200])}).save_to_disk(str(tmp_path / "dict"))
+    assert len(ImageSource(tmp_path / "dict")) == 2
+    test = ImageSource(tmp_path / "dict", split="test")
+    assert len(test) == 1 and np.asarray(test.load(0))[0, 0, 0] == 200
+    with pytest.raises(ValueError, match="no split 'val'"):
+        ImageSource(tmp_path / "dict", split="val")
+    datasets.DatasetDict({"a": images([1]), "b": images([2])}).save_to_disk(str(tmp_path / "ambiguous"))
+    with pytest.raises(ValueError, match="choose one with --split"):
+        ImageSource(tmp_path / "ambiguous")
+
+
 # -- losses -----------------------------------------------------------------------------------------
 
 

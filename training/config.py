@@ -20,6 +20,7 @@ class TrainConfig:
     model: str = "f16c16"  # a preset name (fresh weights) or a diffusers folder / .safetensors to fine-tune
     data: str = ""  # image folder (recursive), save_to_disk folder, .parquet or .arrow file (or a folder of them)
     image_column: str = "image"  # for datasets
+    split: str = ""  # for a saved DatasetDict: which split (empty: train, or the only one)
     resolution: int = 256  # training crop side; the network is fully convolutional, so 1024 models train on crops
     min_scale: float = 1.0  # images are first resized by a random factor in [min_scale, 1] (never below the crop)
     random_flip: bool = True

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from latent_vae.datasets_on_disk import open_saved_dataset
 from latent_vae.images import ImageError, find_images, load_image, pil_to_tensor, to_rgb
 
 # A corrupt image is replaced by the next one; after this many bad ones in a row the data is broken.
@@ -26,7 +27,7 @@ MAX_BAD_IN_A_ROW = 16
 class ImageSource:
     """Random access to the images of a folder or a dataset: `len`, `load(i) -> RGB PIL` (ImageError if unreadable)."""
 
-    def __init__(self, path: str | Path, image_column: str = "image") -> None:
+    def __init__(self, path: str | Path, image_column: str = "image", split: str = "") -> None:
         path = Path(path).expanduser()
         self.name = str(path)
         self.files: list[Path] | None = None
@@ -34,7 +35,7 @@ class ImageSource:
         self.column = image_column
         if not path.exists():
             raise FileNotFoundError(f"training data {path} does not exist")
-        dataset = _open_dataset(path)
+        dataset = open_saved_dataset(path, split or None)
         if dataset is None:
             self.files = find_images(path)
             if not self.files:
@@ -74,32 +75,6 @@ class ImageSource:
         except (OSError, SyntaxError, ValueError) as error:
             raise ImageError(f"{self.describe(index)}: corrupt or unreadable image ({error})") from None
         raise ImageError(f"{self.describe(index)}: column {self.column!r} holds {type(value).__name__}, not an image")
-
-
-def _open_dataset(path: Path):
-    """A datasets.Dataset for a save_to_disk folder, parquet or arrow file(s); None for a plain image folder."""
-    import datasets
-
-    def first_split(loaded):
-        if isinstance(loaded, datasets.DatasetDict):
-            return loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
-        return loaded
-
-    if path.is_file():
-        if path.suffix == ".parquet":
-            return datasets.Dataset.from_parquet(str(path))
-        if path.suffix == ".arrow":
-            return datasets.Dataset.from_file(str(path))
-        raise ValueError(f"{path}: a data file must be .parquet or .arrow (or give a folder)")
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        return first_split(datasets.load_from_disk(str(path)))
-    parquet = sorted(path.rglob("*.parquet"))
-    if parquet:
-        return datasets.Dataset.from_parquet([str(p) for p in parquet])
-    arrow = sorted(path.rglob("*.arrow"))
-    if arrow:
-        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in arrow])
-    return None
 
 
 def random_crop(image: Image.Image, size: int, rng: np.random.Generator, min_scale: float, flip: bool) -> torch.Tensor:

@@ -148,7 +148,7 @@ def main(config: TrainConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    source = ImageSource(config.data, config.image_column)
+    source = ImageSource(config.data, config.image_column, config.split)
     val_source = ImageSource(config.validation_data, config.image_column) if config.validation_data else source
     val_crops = validation_crops(val_source, config.num_validation_images, config.validation_resolution)
 
