@@ -210,6 +210,7 @@ def run_info(args: argparse.Namespace) -> int:
     info = {
         "model": args.model,
         "class": type(vae).__name__,
+        "shortcut": config.get("shortcut"),  # ResidualAutoencoderKL's; None for a plain AutoencoderKL
         "block_out_channels": list(config.block_out_channels),
         "layers_per_block": config.layers_per_block,
         "parameters": count_parameters(vae),

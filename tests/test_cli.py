@@ -105,6 +105,9 @@ def test_info_reports_the_f16c16_shapes_and_flops(capsys):
     assert info["latent_shape"] == [16, 64, 64] and info["compression_ratio"] == 48
     assert info["downsampling_factor"] == 16 and 60e6 < info["parameters"] < 70e6
     assert info["decode_gflops"] > info["encode_gflops"] > 1000
+    assert info["class"] == "AutoencoderKL" and info["shortcut"] is None
+    _, out, _ = run(capsys, "info", "--json", "--model", "f16c16-small-thumb")
+    assert json.loads(out)["shortcut"] == "thumbnail"
 
 
 def test_interpolate_writes_a_strip(tmp_path, capsys, image_folder):
