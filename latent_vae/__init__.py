@@ -1,21 +1,39 @@
-"""latent-vae: a Stable-Diffusion-style KL-VAE latent compression module for diffusion models."""
+"""latent-vae: a Stable-Diffusion-style KL-VAE latent compression module for diffusion models.
 
-from .codec import EncodeOutput, LatentCodec, NonFiniteError, interpolate_latents
-from .images import ImageError, load_image
-from .latents import BucketBatchSampler, LatentInfo, collate_latents, load_latents, read_failures
-from .model import ModelLoadError, build_vae, load_vae, model_fingerprint, save_single_file, save_vae
-from .precompute import PrecomputeOptions, PrecomputeSummary, precompute_latents
-from .presets import DEFAULT_PRESET, PRESETS, VAEPreset, get_preset
-from .residual import ResidualAutoencoderKL
-from .stats import LatentNormalization, calibrate
+The names below load their module on first use, so that `import latent_vae` (and the `latent-vae`
+command's `--help`) does not pay for importing diffusers until a model is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_PRESET", "PRESETS", "BucketBatchSampler", "EncodeOutput", "ImageError", "LatentCodec", "LatentInfo",
-    "LatentNormalization", "ModelLoadError", "NonFiniteError", "PrecomputeOptions", "PrecomputeSummary",
-    "ResidualAutoencoderKL",
-    "VAEPreset", "build_vae", "calibrate", "collate_latents", "get_preset", "interpolate_latents", "load_image",
-    "load_latents", "load_vae", "model_fingerprint", "precompute_latents", "read_failures", "save_single_file",
-    "save_vae",
-]
+# name -> the submodule that defines it
+_EXPORTS = {
+    "EncodeOutput": "codec", "LatentCodec": "codec", "NonFiniteError": "codec", "interpolate_latents": "codec",
+    "ImageError": "images", "load_image": "images",
+    "BucketBatchSampler": "latents", "LatentInfo": "latents", "collate_latents": "latents", "load_latents": "latents",
+    "read_failures": "latents",
+    "ModelLoadError": "model", "build_vae": "model", "load_vae": "model", "model_fingerprint": "model",
+    "save_single_file": "model", "save_vae": "model",
+    "PrecomputeOptions": "precompute", "PrecomputeSummary": "precompute", "precompute_latents": "precompute",
+    "DEFAULT_PRESET": "presets", "PRESETS": "presets", "VAEPreset": "presets", "get_preset": "presets",
+    "ResidualAutoencoderKL": "residual",
+    "LatentNormalization": "stats", "calibrate": "stats",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'latent_vae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -126,7 +126,16 @@ def test_demo_writes_reconstructions_of_the_shipped_photos(tmp_path, capsys):
 
 
 def test_help_explains_every_command():
-    result = subprocess.run([sys.executable, "-m", "latent_vae.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "latent_vae.cli", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
     for command in ("encode", "decode", "reconstruct", "calibrate", "info", "interpolate", "demo"):
         assert command in result.stdout
+
+
+def test_help_and_usage_errors_do_not_import_diffusers():
+    """diffusers takes seconds to import: the parser must not need it (the commands import it when they run)."""
+    probe = ("import sys; from latent_vae.cli import build_parser; import latent_vae; build_parser(); "
+             "print(sorted(m for m in ('diffusers', 'torchmetrics') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
