@@ -48,6 +48,7 @@ class Arm:
     layers: int = 0  # override layers_per_block when > 0
     lr: float = 1e-4
     warmup: int = 0  # steps of linear learning-rate warm-up
+    decay: str = "none"  # "cosine": the rate falls to 0 over the budget (the elapsed fraction of time or steps)
     batch: int = 8
     crop: int = 128
     kl_weight: float = 1e-6
@@ -161,10 +162,17 @@ def train_arm(name: str, arm: Arm, seconds: float | None, steps: int | None, thr
     optimizer = torch.optim.Adam(vae.parameters(), lr=arm.lr)
     # Adam moves every weight by about lr from the first step: warm up so that zero-initialised
     # branches do not all jump at once and scramble the shortcut's code.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (arm.warmup + 1)))
+    if arm.decay not in ("none", "cosine"):
+        raise ValueError(f"unknown decay {arm.decay!r}; choose none or cosine")
     generator = torch.Generator().manual_seed(seed)
     step, start = 0, time.perf_counter()
     while (steps is None or step < steps) and (seconds is None or time.perf_counter() - start < seconds):
+        rate = arm.lr * min(1.0, (step + 1) / (arm.warmup + 1))
+        if arm.decay == "cosine":
+            spent = (time.perf_counter() - start) / seconds if seconds is not None else step / steps
+            rate *= 0.5 * (1 + math.cos(math.pi * min(1.0, spent)))
+        for group in optimizer.param_groups:
+            group["lr"] = rate
         x = random_crops(photos, arm.batch, arm.crop, generator)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
@@ -174,14 +182,13 @@ def train_arm(name: str, arm: Arm, seconds: float | None, steps: int | None, thr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         step += 1
     train_s = time.perf_counter() - start
     value_psnr, value_ssim = score(vae, eval_images(Path(data)))
     queue.put({
         "arm": name, "shortcut": getattr(vae.config, "shortcut", None) or "none",
         "zero_init": bool(getattr(vae.config, "zero_init", False)), "params_M": count_parameters(vae) / 1e6,
-        "lr": arm.lr, "batch": arm.batch, "crop": arm.crop, "loss": arm.loss, "steps": step,
+        "lr": arm.lr, "decay": arm.decay, "batch": arm.batch, "crop": arm.crop, "loss": arm.loss, "steps": step,
         "train_min": train_s / 60, "s_per_step": train_s / max(step, 1), "untrained_psnr": start_psnr, "untrained_ssim": start_ssim,
         "psnr": value_psnr, "ssim": value_ssim,
     })
@@ -220,7 +227,7 @@ def main(args: argparse.Namespace) -> None:
         f"(LDM's 1e-6 balance), Adam, sampled posterior. Bicubic: antialiased down-sampling to as many values as the "
         f"16-channel f16 latent holds, bicubic up-sampling."
     )
-    columns = ["arm", "shortcut", "zero_init", "params_M", "lr", "batch", "crop", "loss", "steps", "train_min",
+    columns = ["arm", "shortcut", "zero_init", "params_M", "lr", "decay", "batch", "crop", "loss", "steps", "train_min",
                "s_per_step", "untrained_psnr", "untrained_ssim", "psnr", "ssim"]
     write_results(args.name, rows, notes=notes, columns=columns, out_dir=args.out,
                   extra={"arms": {name: dataclasses.asdict(arm) for name, arm in arms}})
