@@ -150,3 +150,19 @@ def test_bf16_autocast_trains_with_fp32_master_weights_and_fp16_on_cpu_is_refuse
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         main(tiny(images, tmp_path / "fp16", mixed_precision="fp16"))
+
+
+def test_the_readme_demo_trains_then_scores_the_held_out_photo(tmp_path):
+    """The main job end to end, for 3 steps: training on the shipped photos, the 1024x1024 evaluation, its images."""
+    pytest.importorskip("skimage")
+    from latent_vae import load_vae
+    from training.demo import main as demo
+
+    results = demo(["--out", str(tmp_path), "--set", "max_steps=3", "calibration_images=4", "report_to=none"])
+    assert results["train_steps"] == 3 and results["model"] == "f16c16-small-thumb"
+    assert results["latent_shape"] == [16, 64, 64] and results["eval_size"] == 1024
+    # 3 steps from the thumbnail code: far from noise (about 10 dB) on the photo it never saw
+    assert results["vae_psnr"] > 20 and results["native_vae_psnr"] > 18 and results["bicubic_psnr"] > 20
+    for name in ("heldout_comparison.png", "heldout_detail.png", "interpolation.png", "demo_results.json"):
+        assert (tmp_path / name).is_file()
+    assert load_vae(results["model_dir"]).config.shortcut == "thumbnail"
