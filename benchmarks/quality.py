@@ -25,7 +25,7 @@ from benchmarks.report import device_label, save_figure, write_results
 from latent_vae import LatentCodec, load_vae
 from latent_vae.images import find_images, load_image, pil_to_tensor
 from latent_vae.metrics import bicubic_equal_values, psnr, ssim
-from latent_vae.residual import ResidualAutoencoderKL
+from latent_vae.residual import untrained_code_model
 
 NAME = "quality"
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbsd68"
@@ -49,10 +49,8 @@ def main(args: argparse.Namespace) -> None:
     trained = Path(args.model).exists()
     codec = LatentCodec(vae, device=device, dtype=dtype, tile_size=args.tile_size)
     # A shortcut model starts as its parameter-free code: score that too, to show what training added.
-    code_codec = None
-    if isinstance(vae, ResidualAutoencoderKL) and trained:
-        untrained = ResidualAutoencoderKL.from_config({**vae.config, "zero_init": True})
-        code_codec = LatentCodec(untrained, device=device, dtype=dtype, tile_size=args.tile_size)
+    code_model = untrained_code_model(vae) if trained else None
+    code_codec = LatentCodec(code_model, device=device, dtype=dtype, tile_size=args.tile_size) if code_model else None
     paths = find_images(args.images)[: args.max_images]
     if not paths:
         raise SystemExit(f"no images under {args.images}")

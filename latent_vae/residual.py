@@ -343,3 +343,11 @@ def _plain_block(block_type: str, residual_name: str) -> str:
     if block_type not in (residual_name, plain):
         raise ValueError(f"ResidualAutoencoderKL builds {plain} blocks only, got {block_type!r}")
     return plain
+
+
+def untrained_code_model(vae: torch.nn.Module) -> ResidualAutoencoderKL | None:
+    """The same shortcut architecture with fresh zero-init weights: the parameter-free code the model started
+    from, to show what training added. None for a model without a shortcut."""
+    if not isinstance(vae, ResidualAutoencoderKL):
+        return None
+    return ResidualAutoencoderKL.from_config({**vae.config, "zero_init": True})

@@ -21,6 +21,7 @@ from latent_vae.residual import (
     space_to_channel,
     thumbnail_code,
     thumbnail_image,
+    untrained_code_model,
 )
 
 TINY_RES = "f16c16-tiny-res"
@@ -135,6 +136,21 @@ def test_thumbnail_decoder_keeps_flat_colours_and_beats_the_block_code_on_smooth
     thumbnail = thumbnail_image(thumbnail_code(image, 16, 16), 16)
     block = channel_to_space(space_to_channel(image, 16, 16), 3, 16)
     assert psnr(image, thumbnail) > psnr(image, block) + 3  # why it is the better start
+
+
+def test_untrained_code_model_is_the_code_a_trained_model_started_from():
+    trained = tiny("thumbnail")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    code_model = untrained_code_model(trained).eval()
+    assert code_model.config.shortcut == "thumbnail" and code_model.config.block_out_channels == (8, 8, 16, 16, 16)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = thumbnail_image(thumbnail_code(x, 16, 16), 16)
+        assert torch.allclose(code_model(x).sample, expected, atol=1e-5)
+        assert not torch.allclose(trained(x).sample, expected, atol=1e-3)
+    assert untrained_code_model(build_vae("f16c16-tiny", seed=0)) is None  # no shortcut, no code
 
 
 def test_thumbnail_shortcut_needs_rgb_and_three_latent_channels():

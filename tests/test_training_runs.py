@@ -163,6 +163,8 @@ def test_the_readme_demo_trains_then_scores_the_held_out_photo(tmp_path):
     assert results["latent_shape"] == [16, 64, 64] and results["eval_size"] == 1024
     # 3 steps from the thumbnail code: far from noise (about 10 dB) on the photo it never saw
     assert results["vae_psnr"] > 20 and results["native_vae_psnr"] > 18 and results["bicubic_psnr"] > 20
+    # what training started from, scored beside it: after 3 steps the model is still close to its code
+    assert abs(results["vae_psnr"] - results["code_psnr"]) < 1.5 and "native_code_ssim" in results
     for name in ("heldout_comparison.png", "heldout_detail.png", "interpolation.png", "demo_results.json"):
         assert (tmp_path / name).is_file()
     assert load_vae(results["model_dir"]).config.shortcut == "thumbnail"

@@ -33,6 +33,7 @@ from latent_vae.images import (
     tensor_to_uint8,
 )
 from latent_vae.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
+from latent_vae.residual import untrained_code_model
 
 from .config import load_config
 from .train_vae import main as train
@@ -78,6 +79,14 @@ def evaluate(model_dir: Path, holdout: Path, partner: Path, out: Path) -> dict:
     }
     # Also at the photo's own size: enlarging it to 1024 makes it smooth, which flatters bicubic.
     native = pil_to_tensor(photo)[None]
+    # A shortcut model started as its parameter-free code: score that too, to show what training added.
+    code_model = untrained_code_model(codec.vae)
+    if code_model is not None:
+        code_codec = LatentCodec(code_model, tile_size=None)
+        for key, image in (("code", original), ("native_code", native)):
+            encoded_image = code_codec.encode(image, return_dict=True)
+            decoded = code_codec.decode(encoded_image.latents, image_size=encoded_image.image_size)
+            results.update({f"{key}_psnr": psnr(image, decoded).item(), f"{key}_ssim": ssim(image, decoded).item()})
     native_encoded = codec.encode(native, return_dict=True)
     native_reconstruction = codec.decode(native_encoded.latents, image_size=native_encoded.image_size)
     native_bicubic = bicubic_equal_values(native, native_encoded.latents[0].numel())
@@ -137,15 +146,22 @@ def main(argv: list[str] | None = None) -> dict:
                    learning_rate=config.learning_rate, model_dir=str(model_dir))
     (args.out / "demo_results.json").write_text(json.dumps(results, indent=2))
     photo_size = results["holdout_native_size"]
+    code_line = code_native = ""
+    if "code_psnr" in results:
+        code_line = (f"  its untrained shortcut code (where training started) PSNR {results['code_psnr']:.2f} dB  "
+                     f"SSIM {results['code_ssim']:.3f}\n")
+        code_native = (f", untrained code PSNR {results['native_code_psnr']:.2f} dB  SSIM "
+                       f"{results['native_code_ssim']:.3f}")
     print(
         f"\ntrained {config.model} for {state['step']} steps ({train_seconds / 60:.1f} min) on {len(SAMPLE_PHOTOS) - 1} "
         f"photos; held-out {args.holdout} at {EVAL_SIZE}x{EVAL_SIZE} -> latent {tuple(results['latent_shape'])}:\n"
         f"  VAE reconstruction      PSNR {results['vae_psnr']:.2f} dB  SSIM {results['vae_ssim']:.3f}\n"
         f"  bicubic {results['bicubic_side']}x{results['bicubic_side']}x3 (same number of values) "
         f"PSNR {results['bicubic_psnr']:.2f} dB  SSIM {results['bicubic_ssim']:.3f}\n"
+        f"{code_line}"
         f"at its own size {photo_size[0]}x{photo_size[1]}: VAE PSNR {results['native_vae_psnr']:.2f} dB  SSIM "
         f"{results['native_vae_ssim']:.3f}, bicubic PSNR {results['native_bicubic_psnr']:.2f} dB  SSIM "
-        f"{results['native_bicubic_ssim']:.3f}\n"
+        f"{results['native_bicubic_ssim']:.3f}{code_native}\n"
         f"A few CPU minutes show that training works, not a usable model: the full recipe (training/configs/"
         f"f16c16.json) needs GPU-days.\nImages in {args.out}: heldout_comparison.png, heldout_detail.png, "
         f"interpolation.png; the model in {model_dir}"
