@@ -1,4 +1,4 @@
-"""`ResidualAutoencoderKL`: diffusers' AutoencoderKL with DC-AE-style parameter-free space-to-channel shortcuts.
+"""`ResidualAutoencoderKL`: diffusers' AutoencoderKL with parameter-free shortcuts (DC-AE block codes, or a thumbnail).
 
 DC-AE (Chen et al., arXiv 2410.10733) adds shortcuts around the resampling of an autoencoder: the encoder
 folds space into channels (`pixel_unshuffle`) and averages groups of channels down to the next width; the
@@ -243,7 +243,7 @@ class ShortcutDecoder(Decoder):
 
 
 class ResidualAutoencoderKL(AutoencoderKL):
-    """AutoencoderKL with parameter-free space-to-channel shortcuts; the same state-dict keys.
+    """AutoencoderKL with parameter-free shortcuts (block or thumbnail codes); the same state-dict keys.
 
     Args (beyond AutoencoderKL's, which keep their meaning):
         shortcut: "global" (a DC-AE block code around the whole network: learns faster here than "stage"),
