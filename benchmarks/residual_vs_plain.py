@@ -158,7 +158,8 @@ def train_arm(name: str, arm: Arm, seconds: float | None, steps: int | None, thr
     photos = [pil_to_tensor(load_image(p)) for p in sorted((Path(data) / "cbsd68").glob("*.png"))]
     vae = build(arm, seed).train()
     # what the untrained model (with zero_init: the shortcut's code alone) scores, before the clock starts
-    start_psnr, start_ssim = score(vae, eval_images(Path(data)))
+    unseen = eval_images(Path(data))
+    start_psnr, start_ssim = score(vae, unseen)
     optimizer = torch.optim.Adam(vae.parameters(), lr=arm.lr)
     # Adam moves every weight by about lr from the first step: warm up so that zero-initialised
     # branches do not all jump at once and scramble the shortcut's code.
@@ -184,7 +185,7 @@ def train_arm(name: str, arm: Arm, seconds: float | None, steps: int | None, thr
         optimizer.step()
         step += 1
     train_s = time.perf_counter() - start
-    value_psnr, value_ssim = score(vae, eval_images(Path(data)))
+    value_psnr, value_ssim = score(vae, unseen)
     queue.put({
         "arm": name, "shortcut": getattr(vae.config, "shortcut", None) or "none",
         "zero_init": bool(getattr(vae.config, "zero_init", False)), "params_M": count_parameters(vae) / 1e6,
