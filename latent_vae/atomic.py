@@ -1,0 +1,91 @@
+"""Atomic writes: a reader, or a rerun after a crash (even SIGKILL or a power cut), finds the old file or
+the new one under its name, never a half-written one.
+
+The pattern is always the same: write beside the target under a temporary name, flush it to disk
+(fsync), rename over the target (atomic on POSIX), then fsync the folder so the rename itself survives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0)
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path` for any writer (safetensors, parquet, PIL, ...); when the
+    block ends without an error the file is fsynced and renamed to `path`, else it is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `path`; when the block ends without an error every file in
+    it is fsynced and the folder renamed to `path` (an existing `path` is replaced when `replace`, else it is
+    an error). On an error the temporary folder is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed while writing
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} already exists")
+            # A rename cannot replace a non-empty folder: move the old one aside first, so that
+            # `path` is missing for an instant at most and never half-written.
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(path.parent)
