@@ -14,36 +14,34 @@ from diffusers import AutoencoderKL
 from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
+from .dtypes import resolve_dtype
 from .images import ImageInput, as_image_tensors, pad_to_multiple, tensor_to_pil, tensor_to_uint8
 from .model import load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
 class NonFiniteError(RuntimeError):
     """NaN or inf in latents or images: reduced precision overflowed (or the weights are broken)."""
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None` or "auto": cuda, then mps, then cpu."""
+    """`None` or "auto": cuda, then mps, then cpu. A device that is not there is a ValueError saying what is."""
     if device in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; choose cpu, cuda, cuda:N, mps or auto") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if resolved.type in available and not available[resolved.type]():
+        raise ValueError(f"device {device!r} is not available on this machine; use --device cpu or auto")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 @dataclass

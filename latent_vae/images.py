@@ -11,6 +11,7 @@ import io
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence, Union
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
 
 
@@ -87,6 +88,8 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
                     raise ImageError(f"{label}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
                                      f"limit of {max_pixels / 1e6:.0f} (raise it with max_pixels / --max-pixels)")
                 image.load()
+                if image.mode == "F":
+                    raise ImageError(f"{label}: {FLOAT_IMAGE_REFUSED}")
                 return to_rgb(ImageOps.exif_transpose(image))
     except ImageError:
         raise
@@ -102,9 +105,17 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
         raise ImageError(f"{label}: corrupt or truncated image ({error})") from None
 
 
+# A float image may hold [0, 1] or [0, 255]: guessing would turn one of them black or white without a word.
+FLOAT_IMAGE_REFUSED = ("a 32-bit float (mode 'F') image has no agreed range; convert it to 8 bits first "
+                       "(e.g. Image.fromarray((array * 255).round().astype('uint8')) for values in [0, 1])")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16/32-bit images are rescaled, transparency goes onto white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    """Any integer PIL mode -> 8-bit RGB: 16/32-bit images are rescaled, transparency goes onto white.
+    Float ("F") images are refused: their range is unknown."""
+    if image.mode == "F":
+        raise ImageError(FLOAT_IMAGE_REFUSED)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
@@ -142,26 +153,44 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
     return pil_to_tensor(Image.fromarray(array.squeeze(2) if mode == "L" else array, mode=mode))
 
 
+def check_image_tensor(images: torch.Tensor) -> torch.Tensor:
+    """float Nx3xHxW (or 3xHxW) in [-1, 1] -> Nx3xHxW; anything else (pixels in [0, 255], NaN, ints) is an ImageError."""
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ImageError(f"image tensors must be float Nx3xHxW (or 3xHxW) in [-1, 1], got {str(images.dtype).removeprefix('torch.')} "
+                         f"{tuple(images.shape)}")
+    if images.numel() == 0:
+        raise ImageError(f"image tensor of shape {tuple(images.shape)} holds no pixels")
+    if not torch.isfinite(images).all():
+        raise ImageError("image tensor holds NaN or inf")
+    low, high = images.min().item(), images.max().item()
+    if low < -1 - TENSOR_RANGE_SLACK or high > 1 + TENSOR_RANGE_SLACK:
+        hint = " (pixels in [0, 255]? use x / 127.5 - 1)" if high > 2 else " (pixels in [0, 1]? use x * 2 - 1)"
+        raise ImageError(f"image tensors must hold values in [-1, 1], got [{low:.3g}, {high:.3g}]{hint}")
+    return images
+
+
+# Resampling and float arithmetic overshoot [-1, 1] a little; beyond this a tensor is on another scale.
+TENSOR_RANGE_SLACK = 0.05
+
+
 def as_image_tensors(images: ImageInput | Sequence[ImageInput]) -> list[torch.Tensor]:
     """Any supported input (one image or a sequence) -> a list of float 3xHxW tensors in [-1, 1]."""
     if isinstance(images, torch.Tensor):
-        if images.ndim == 3:
-            images = images.unsqueeze(0)
-        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ImageError(f"image tensors must be float Nx3xHxW (or 3xHxW) in [-1, 1], got {tuple(images.shape)}")
-        return list(images)
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        return list(check_image_tensor(images))
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)):
         images = [images]
     tensors = []
     for image in images:
-        if isinstance(image, (str, os.PathLike)):
+        if isinstance(image, (str, os.PathLike, bytes, bytearray)):
             tensors.append(pil_to_tensor(load_image(image)))
         elif isinstance(image, Image.Image):
             tensors.append(pil_to_tensor(image))
         elif isinstance(image, np.ndarray):
             tensors.append(array_to_tensor(image))
         elif isinstance(image, torch.Tensor):
-            tensors.extend(as_image_tensors(image))
+            tensors.extend(check_image_tensor(image))
         else:
             raise ImageError(f"unsupported image input of type {type(image).__name__}")
     if not tensors:
@@ -189,12 +218,34 @@ def tensor_to_pil(batch: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(array) for array in tensor_to_uint8(batch)]
 
 
-def find_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under `folder`, recursively, sorted by path."""
+@dataclass
+class ImageScan:
+    files: list[Path]  # image files, sorted by path
+    unreadable: list[str]  # one line per folder that could not be listed: "FOLDER: cannot read (reason)"
+
+
+def scan_images(folder: str | os.PathLike) -> ImageScan:
+    """Image files under `folder`, recursively, and the subfolders that could not be read (never skipped silently)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: not a folder")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    unreadable: list[str] = []
+
+    def report(error: OSError) -> None:
+        unreadable.append(f"{error.filename}: cannot read ({error.strerror or error})")
+
+    files = []
+    for root, _, names in os.walk(folder, onerror=report, followlinks=False):
+        files.extend(Path(root) / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+    return ImageScan(sorted(files), unreadable)
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder`, recursively, sorted by path; each unreadable subfolder is a warning."""
+    scan = scan_images(folder)
+    for line in scan.unreadable:
+        warnings.warn(f"skipped folder {line}", stacklevel=2)
+    return scan.files
 
 
 def error_map(original: np.ndarray, reconstruction: np.ndarray, gain: float = 4.0) -> np.ndarray:
