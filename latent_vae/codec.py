@@ -20,6 +20,7 @@ from .model import load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
 
+
 class NonFiniteError(RuntimeError):
     """NaN or inf in latents or images: reduced precision overflowed (or the weights are broken)."""
 

@@ -11,8 +11,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
+
 LATENT_KEY = "latents"
 FORMAT = "latent-vae/latent-v1"
+# What a latent may be stored as; anything else (ints, bools, uint8) is not a latent this project wrote.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass
@@ -25,8 +29,8 @@ class LatentFile:
 
 
 def save_latent_file(path: str | os.PathLike, latent: LatentFile) -> Path:
+    """Written atomically: a crash or a full disk never leaves a half-written latent under the real name."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     metadata = {
         "format": FORMAT,
         "fingerprint": latent.fingerprint,
@@ -34,16 +38,35 @@ def save_latent_file(path: str | os.PathLike, latent: LatentFile) -> Path:
         "normalization": json.dumps(latent.normalization),
         "source": latent.source,
     }
-    save_file({LATENT_KEY: latent.latents.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # never leave a half-written latent under the real name
+    with atomic_path(path) as tmp:
+        save_file({LATENT_KEY: latent.latents.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
     return path
+
+
+def _image_size(path: Path, text: str | None) -> tuple[int, int]:
+    try:
+        size = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        size = None
+    if (not isinstance(size, list) or len(size) != 2
+            or not all(type(side) is int and side > 0 for side in size)):  # type(): no bools, no floats
+        raise ValueError(f"{path}: metadata 'image_size' must be [height, width] in positive whole pixels, got {text!r}")
+    return size[0], size[1]
 
 
 def load_latent_file(path: str | os.PathLike) -> LatentFile:
     """Read and check a latent file; anything else is a ValueError that names the file and the problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as error:  # a link loop, a folder that cannot be read, ...
+        raise ValueError(f"{path}: cannot read ({error.strerror or error})") from None
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a latent file")
+    if info.st_size == 0:
+        raise ValueError(f"{path}: empty file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -52,14 +75,28 @@ def load_latent_file(path: str | os.PathLike) -> LatentFile:
             latents = f.get_tensor(LATENT_KEY)
     except SafetensorError as error:
         raise ValueError(f"{path}: not a readable .safetensors file ({error})") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied") from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: not a latent-vae latent file (made by `latent-vae encode`)")
-    if latents.ndim != 3:
+    if latents.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{path}: the latent is {str(latents.dtype).removeprefix('torch.')}; a latent is floating point")
+    if latents.ndim != 3 or 0 in latents.shape:
         raise ValueError(f"{path}: the latent must be C x h x w, got shape {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        bad = (~torch.isfinite(latents)).sum().item()
+        raise ValueError(f"{path}: the latent holds {bad} NaN or inf value(s)")
+    fingerprint = metadata.get("fingerprint")
+    if not fingerprint:
+        raise ValueError(f"{path}: no model fingerprint in its metadata, so the model that made it is unknown")
+    try:
+        normalization = json.loads(metadata.get("normalization", "{}"))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: metadata 'normalization' is not JSON") from None
     return LatentFile(
         latents=latents.float(),
-        fingerprint=metadata["fingerprint"],
-        image_size=tuple(json.loads(metadata["image_size"])),
-        normalization=json.loads(metadata["normalization"]),
+        fingerprint=fingerprint,
+        image_size=_image_size(path, metadata.get("image_size")),
+        normalization=normalization,
         source=metadata.get("source", ""),
     )

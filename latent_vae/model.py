@@ -7,9 +7,11 @@ import json
 import os
 from pathlib import Path
 
+import math
+
 import torch
 from diffusers import AutoencoderKL
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .presets import PRESETS, VAEPreset, get_preset
@@ -40,11 +42,106 @@ def build_vae(preset: str | VAEPreset = "f16c16", *, seed: int | None = None) ->
         return ResidualAutoencoderKL(**spec.diffusers_config(), shortcut=spec.shortcut)
 
 
-def _class_for(config: dict) -> type[AutoencoderKL]:
+def _class_for(config: dict, where: str = "config") -> type[AutoencoderKL]:
     name = config.get("_class_name", "AutoencoderKL")
-    if name not in MODEL_CLASSES:
-        raise ModelLoadError(f"model class {name!r} is not a KL-VAE this package knows ({', '.join(MODEL_CLASSES)})")
+    if not isinstance(name, str) or name not in MODEL_CLASSES:
+        raise ModelLoadError(f"{where}: _class_name {name!r} is not a KL-VAE this package knows ({', '.join(MODEL_CLASSES)})")
     return MODEL_CLASSES[name]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(config, where: str) -> dict:
+    """Check a saved config against what diffusers' AutoencoderKL accepts, before building anything; a bad
+    field is a ModelLoadError naming `where` (the file) and the field. Missing fields take diffusers' defaults."""
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{where}: a model config is a JSON object, got a {type(config).__name__}")
+
+    def bad(field: str, wanted: str) -> ModelLoadError:
+        return ModelLoadError(f"{where}: {field} must be {wanted}, got {config[field]!r}")
+
+    _class_for(config, where)
+    for field in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
+        if field in config and not (_is_int(config[field]) and config[field] > 0):
+            raise bad(field, "a positive integer")
+    if "sample_size" in config:
+        sizes = config["sample_size"] if isinstance(config["sample_size"], list) else [config["sample_size"]]
+        if not sizes or not all(_is_int(size) and size > 0 for size in sizes):
+            raise bad("sample_size", "a positive integer (or a list of them)")
+    widths = config.get("block_out_channels", [64])
+    if "block_out_channels" in config and not (
+            isinstance(widths, list) and widths and all(_is_int(w) and w > 0 for w in widths)):
+        raise bad("block_out_channels", "a non-empty list of positive integers")
+    groups = config.get("norm_num_groups", 32)
+    if any(w % groups for w in widths):
+        raise ModelLoadError(f"{where}: every block_out_channels {widths} must be divisible by norm_num_groups {groups}")
+    for field in ("down_block_types", "up_block_types"):
+        if field in config:
+            types = config[field]
+            if not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
+                raise bad(field, "a list of block names")
+            if len(types) != len(widths):
+                raise ModelLoadError(f"{where}: {field} has {len(types)} entries for {len(widths)} block_out_channels")
+    if "scaling_factor" in config and not (_is_number(config["scaling_factor"]) and config["scaling_factor"] > 0):
+        raise bad("scaling_factor", "a positive number")
+    if config.get("shift_factor") is not None and not _is_number(config["shift_factor"]):
+        raise bad("shift_factor", "a number or null")
+    channels = config.get("latent_channels", 4)
+    for field in ("latents_mean", "latents_std"):
+        values = config.get(field)
+        if values is not None and not (isinstance(values, list) and len(values) == channels
+                                       and all(_is_number(v) for v in values)):
+            raise bad(field, f"null or a list of {channels} numbers (one per latent channel)")
+    if config.get("latents_std") is not None and min(config["latents_std"]) <= 0:
+        raise bad("latents_std", "positive")
+    for field in ("act_fn", "shortcut"):
+        if field in config and not isinstance(config[field], str):
+            raise bad(field, "a string")
+    for field in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "zero_init"):
+        if field in config and not isinstance(config[field], bool):
+            raise bad(field, "true or false")
+    return config
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{path}: not a text file") from None
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({'empty file' if not text.strip() else error})") from None
+    return validate_config(config, str(path))
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open the header (which also checks that the file is as long as it says): a truncated, corrupt or
+    renamed file is a ModelLoadError naming it, before diffusers sees it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except SafetensorError as error:
+        raise ModelLoadError(f"{path}: not a readable .safetensors file ({error})") from None
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read ({error.strerror or error})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# What building a model or loading weights raises for a bad file (diffusers, torch, safetensors).
+LOAD_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError)
 
 
 def _model_folder(path: Path) -> Path | None:
@@ -69,11 +166,18 @@ def load_vae(source: str | os.PathLike, *, seed: int | None = None) -> Autoencod
         folder = _model_folder(path)
         if folder is None:
             raise ModelLoadError(f"{path} has no config.json (nor vae/config.json): not a diffusers model folder")
-        config = json.loads((folder / "config.json").read_text())
-        cls = _class_for(config)
-        if not any(folder.glob("*.safetensors")):
+        cls = _class_for(_read_config(folder / "config.json"))
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
             raise ModelLoadError(f"{folder} has no .safetensors weights (pickled weights are not loaded)")
-        return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        for file in weights:
+            _check_safetensors(file)
+        try:
+            return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        except ModelLoadError:
+            raise
+        except LOAD_ERRORS as error:
+            raise ModelLoadError(f"{folder}: cannot load the model ({_first_line(error)})") from None
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise ModelLoadError(f"{path}: refusing to unpickle {path.suffix} weights; convert them to .safetensors")
@@ -86,13 +190,25 @@ def load_vae(source: str | os.PathLike, *, seed: int | None = None) -> Autoencod
 
 
 def _load_single_file(path: Path) -> AutoencoderKL:
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        state_dict = {key: f.get_tensor(key) for key in f.keys()}
+    _check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ModelLoadError(f"{path}: not a readable .safetensors file ({_first_line(error)})") from None
     if CONFIG_METADATA_KEY in metadata:
-        config = json.loads(metadata[CONFIG_METADATA_KEY])
-        vae = _class_for(config).from_config(config)
-        vae.load_state_dict(state_dict, strict=True)
+        try:
+            config = json.loads(metadata[CONFIG_METADATA_KEY])
+        except json.JSONDecodeError as error:
+            raise ModelLoadError(f"{path}: the config in its metadata is not valid JSON ({error})") from None
+        where = f"{path} (config in its metadata)"
+        cls = _class_for(validate_config(config, where), where)
+        try:
+            vae = cls.from_config(config)
+            vae.load_state_dict(state_dict, strict=True)
+        except LOAD_ERRORS as error:
+            raise ModelLoadError(f"{path}: cannot load the model ({_first_line(error)})") from None
         return vae
     # An original (LDM/SD-format) checkpoint: diffusers converts those, but needs a local config.
     raise ModelLoadError(
