@@ -5,17 +5,20 @@
         optimizer.pt, disc_optimizer.pt   optimiser states (torch.save; read back with weights_only=True)
         trainer_state.json   step, data position, counters, schedulers, scaler, EMA settings, config
         rng-RANK.safetensors + rng-RANK.json   each rank's torch / numpy / python RNG state
+        manifest.json   every other file's size and SHA-256, written last
     OUTPUT_DIR/latest        the name of the newest complete checkpoint
 
 A checkpoint is written under `.checkpoint-N.tmp` and renamed when complete, so a run killed while
 writing leaves the previous checkpoint (and `latest`) intact; the stale temporary folder is removed
-by the next save. Only our own files are read, and pickles only with `weights_only=True`.
+by the next save. `--resume latest` checks the newest checkpoint against its manifest (a disk that
+lost or damaged a file after the rename) and falls back to the newest intact one, saying which it
+skipped and why. Only our own files are read, and pickles only with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,8 +27,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from latent_vae.atomic import atomic_write_text, fsync_path
+
 PREFIX = "checkpoint-"
-LATEST = "latest"
+LATEST = "latest"  # the newest checkpoint's name, for people and scripts; resuming checks the folders themselves
+MANIFEST = "manifest.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -40,27 +46,69 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    """`resume` = "latest" (None when the run has no checkpoint yet) or a checkpoint folder."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file's size and SHA-256, so that a later resume can tell an intact checkpoint from a damaged one."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why this checkpoint cannot be resumed from (a file missing, of the wrong size or content), or None if intact."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        records = [(name, int(record["bytes"]), str(record["sha256"])) for name, record in files.items()]
+    except FileNotFoundError:
+        # Written before manifests: check what can be checked without one.
+        return None if (folder / "trainer_state.json").is_file() else "trainer_state.json is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"{MANIFEST} is unreadable ({error})"
+    for name, size, sha256 in records:
+        path = folder / name
+        try:
+            actual = path.stat().st_size
+            if actual != size:
+                return f"{name} is {actual} bytes, {size} were written"
+            if _sha256(path) != sha256:
+                return f"{name} is damaged (its SHA-256 is not the one recorded when it was written)"
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as error:
+            return f"{name} cannot be read ({error.strerror or error})"
+    return None
+
+
+def find_checkpoint(out_dir: Path, resume: str, report=print) -> Path | None:
+    """`resume` = "latest": the newest intact checkpoint of the run (each damaged one skipped and reported through
+    `report`), or None when the run has none yet; otherwise a checkpoint folder, which must be intact."""
     if resume != "latest":
         path = Path(resume).expanduser()
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no trainer_state.json)")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ValueError(f"--resume {resume}: damaged checkpoint: {problem}")
         return path
-    pointer = out_dir / LATEST
-    if pointer.is_file():
-        path = out_dir / pointer.read_text().strip()
-        if (path / "trainer_state.json").is_file():
-            return path
-    # No pointer (or it names a folder that is gone): the newest complete checkpoint.
     found = complete_checkpoints(out_dir)
-    return found[-1] if found else None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        report(f"skipping damaged checkpoint {path}: {problem}")
+    if found:
+        # Starting fresh would soon delete them (keep_checkpoints): let the person decide.
+        raise ValueError(f"--resume latest: none of the {len(found)} checkpoints in {out_dir} is intact (see above); "
+                         "delete them to start fresh, or pass --resume with another checkpoint folder")
+    report(f"--resume latest: no checkpoint in {out_dir} yet, starting fresh")
+    return None
 
 
 def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -119,10 +167,15 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, *, vae, discriminator
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+        write_manifest(tmp)
+        for path in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            fsync_path(path)
+        fsync_path(tmp)
+        if final.exists():  # the same step saved again (after a resume, or over a damaged one): replace it
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_text_atomic(out_dir / LATEST, final.name)
+        tmp.rename(final)
+        fsync_path(out_dir)
+        atomic_write_text(out_dir / LATEST, final.name)
         for old in complete_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -7,7 +7,6 @@ worker reads exactly the same pixels. That is what makes `--resume` exact.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,28 +17,38 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from latent_vae.datasets_on_disk import open_saved_dataset
-from latent_vae.images import ImageError, find_images, load_image, pil_to_tensor, to_rgb
+from latent_vae.images import DEFAULT_MAX_PIXELS, ImageError, load_image, pil_to_tensor, scan_images, to_rgb
 
 # A corrupt image is replaced by the next one; after this many bad ones in a row the data is broken.
 MAX_BAD_IN_A_ROW = 16
 
 
 class ImageSource:
-    """Random access to the images of a folder or a dataset: `len`, `load(i) -> RGB PIL` (ImageError if unreadable)."""
+    """Random access to the images of a folder or a dataset: `len`, `load(i) -> RGB PIL` (ImageError if unreadable).
 
-    def __init__(self, path: str | Path, image_column: str = "image", split: str = "") -> None:
+    Every image goes through the project's one reader (`load_image`: EXIF orientation, the pixel limit), so a
+    decompression bomb or a corrupt file is an ImageError that training skips and counts, at any step.
+    `unreadable` lists the subfolders that could not be read (the run reports them).
+    """
+
+    def __init__(self, path: str | Path, image_column: str = "image", split: str = "",
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         path = Path(path).expanduser()
         self.name = str(path)
         self.files: list[Path] | None = None
         self.dataset = None
         self.column = image_column
+        self.max_pixels = max_pixels
+        self.unreadable: list[str] = []
         if not path.exists():
             raise FileNotFoundError(f"training data {path} does not exist")
         dataset = open_saved_dataset(path, split or None)
         if dataset is None:
-            self.files = find_images(path)
+            scan = scan_images(path)
+            self.files, self.unreadable = scan.files, scan.unreadable
             if not self.files:
-                raise ValueError(f"{path}: no image files found (looked recursively for png/jpg/webp/...)")
+                unreadable = f" ({len(self.unreadable)} subfolders could not be read)" if self.unreadable else ""
+                raise ValueError(f"{path}: no image files found{unreadable} (looked recursively for png/jpg/webp/...)")
         else:
             if image_column not in dataset.column_names:
                 raise ValueError(f"{path}: no column {image_column!r} (columns: {', '.join(dataset.column_names)}); "
@@ -59,22 +68,17 @@ class ImageSource:
 
     def load(self, index: int) -> Image.Image:
         if self.files is not None:
-            return load_image(self.files[index])
+            return load_image(self.files[index], max_pixels=self.max_pixels)
         value = self.dataset[index][self.column]
-        try:
-            if isinstance(value, dict):  # datasets' Image(decode=False): {"bytes": ..., "path": ...}
-                value = value.get("bytes") or value.get("path")
-            if isinstance(value, Image.Image):
+        name = self.describe(index)
+        if isinstance(value, Image.Image):  # a column that datasets decoded itself
+            try:
                 return to_rgb(value)
-            if isinstance(value, (bytes, bytearray)):
-                with Image.open(io.BytesIO(value)) as image:
-                    image.load()
-                    return to_rgb(image)
-            if isinstance(value, str):
-                return load_image(value)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ImageError(f"{self.describe(index)}: corrupt or unreadable image ({error})") from None
-        raise ImageError(f"{self.describe(index)}: column {self.column!r} holds {type(value).__name__}, not an image")
+            except ImageError as error:
+                raise ImageError(f"{name}: {error}") from None
+        if isinstance(value, (dict, bytes, bytearray, str)):  # Image(decode=False) {"bytes", "path"}, bytes, a path
+            return load_image(value, max_pixels=self.max_pixels, name=name)
+        raise ImageError(f"{name}: column {self.column!r} holds {type(value).__name__}, not an image")
 
 
 def random_crop(image: Image.Image, size: int, rng: np.random.Generator, min_scale: float, flip: bool) -> torch.Tensor:

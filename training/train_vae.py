@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -28,8 +27,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from latent_vae import LatentCodec, calibrate, load_vae, save_vae
+from latent_vae.atomic import atomic_directory
 from latent_vae.images import error_map, image_grid, image_strip, tensor_to_uint8
 from latent_vae.metrics import psnr, ssim
+from latent_vae.presets import downsampling_factor
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, to_dict
@@ -123,11 +124,8 @@ def export_model(vae, ema: EMAModel | None, crops: list[torch.Tensor], out: Path
         ema.copy_to(final.parameters())
     codec = LatentCodec(final, device=device, tile_size=None, max_batch_size=batch_size)
     calibrate(codec, crops)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_vae(codec.vae.to("cpu"), tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_directory(out) as tmp:
+        save_vae(codec.vae.to("cpu"), tmp)
     return out
 
 
@@ -150,12 +148,19 @@ def main(config: TrainConfig) -> Path:
 
     source = ImageSource(config.data, config.image_column, config.split)
     val_source = ImageSource(config.validation_data, config.image_column) if config.validation_data else source
+    for line in source.unreadable + (val_source.unreadable if val_source is not source else []):
+        accelerator.print(f"skipped folder {line}", file=sys.stderr)
     val_crops = validation_crops(val_source, config.num_validation_images, config.validation_resolution)
 
     lpips = None
     if config.lpips_weight > 0:
         lpips = LPIPS.from_file(config.lpips_weights or None)  # fails now, with what to do, if weights are missing
     vae = load_vae(config.model, seed=config.seed).float().train()
+    factor = downsampling_factor(vae.config.block_out_channels)
+    for name in ("resolution", "validation_resolution"):
+        if getattr(config, name) % factor:
+            raise ValueError(f"{name} must be a multiple of the model's downsampling factor {factor}, "
+                             f"got {getattr(config, name)}")
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     model = AutoencoderWithLoss(vae, loss_weights(config), lpips)
@@ -186,7 +191,7 @@ def main(config: TrainConfig) -> Path:
 
     optimizers = {"optimizer": optimizer, **({"disc_optimizer": disc_optimizer} if disc_optimizer else {})}
     state = {"step": 0, "samples_seen": 0, "nonfinite_skipped": 0, "nonfinite_in_a_row": 0, "images_skipped": 0}
-    checkpoint = find_checkpoint(out_dir, config.resume) if config.resume else None
+    checkpoint = find_checkpoint(out_dir, config.resume, report=accelerator.print) if config.resume else None
     if checkpoint is not None:
         loaded = load_checkpoint(checkpoint, rank, vae=vae, discriminator=raw_disc, ema=ema, optimizers=optimizers)
         state.update({k: loaded[k] for k in state})
@@ -339,17 +344,35 @@ def main(config: TrainConfig) -> Path:
     return out
 
 
+EXIT_CANNOT_RUN = 2  # bad options, data, model or checkpoint: one line, as the latent-vae commands
+EXIT_INTERNAL_ERROR = 3  # a bug: a one-line summary, then the traceback
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message; one raised in a DataLoader worker carries the worker's traceback: keep its last line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(error):
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else type(error).__name__
+
+
 def run(argv: list[str] | None = None) -> None:
-    """Command line: a bad config or missing LPIPS weights is one line of error, not a traceback."""
+    """Command line: a bad config, data, model or checkpoint, or missing LPIPS weights, is one line of error
+    (exit 2), not a traceback; an unexpected error is a one-line summary, then its traceback (exit 3)."""
     try:
         config = parse_args(argv)
         config.validate()
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
-    try:
         main(config)
-    except LPIPSWeightsMissing as error:
-        sys.exit(f"error: {error}")
+    except (LPIPSWeightsMissing, ValueError, OSError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_CANNOT_RUN)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:
+        print(f"error: internal error, {type(error).__name__}: {_one_line(error)} (traceback below)", file=sys.stderr)
+        traceback.print_exc()
+        sys.exit(EXIT_INTERNAL_ERROR)
 
 
 if __name__ == "__main__":
