@@ -1,7 +1,9 @@
 """The `latent-vae` command line: encode, decode, reconstruct, calibrate, info, interpolate, demo, precompute.
 
-Every command reports bad input as one line on stderr and a non-zero exit, without a traceback; in a
-batch the bad files are listed and every good one is still written (exit 1 when any failed).
+Exit statuses (the same for every command): 0 everything done; 1 some inputs failed (each reported in one
+line naming it and the reason; every good input still written); 2 the command could not run at all (bad
+arguments, an unloadable model, no inputs: one line, no traceback); 3 an unexpected internal error, a bug
+(a one-line summary on stderr first, then the traceback).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,15 +20,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .atomic import atomic_directory, atomic_path, atomic_write_text
 from .images import (
+    DEFAULT_MAX_PIXELS,
     ImageError,
     centre_square,
     error_map,
-    find_images,
     image_grid,
     image_strip,
     load_image,
     pil_to_tensor,
+    scan_images,
     tensor_to_uint8,
 )
 from .latent_files import LatentFile, load_latent_file, save_latent_file
@@ -38,8 +43,10 @@ from .stats import calibrate
 if TYPE_CHECKING:
     from .codec import LatentCodec
 
-EXIT_BAD_INPUT = 2  # the whole command could not run
-EXIT_SOME_FAILED = 1  # a batch ran, but some inputs were skipped
+EXIT_OK = 0  # everything done
+EXIT_SOME_FAILED = 1  # a batch ran, but some inputs failed (each reported); every good one was written
+EXIT_BAD_INPUT = 2  # the whole command could not run (bad arguments, unloadable model, no inputs)
+EXIT_INTERNAL_ERROR = 3  # an unexpected error: a bug in this program, reported with its traceback
 
 
 class CommandError(ValueError):
@@ -83,6 +90,36 @@ def open_codec(args: argparse.Namespace) -> LatentCodec:
     return codec
 
 
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        help="refuse images with more pixels than this, read from the header before decoding (a decompression "
+        f"bomb costs nothing); 0: no limit (default: {DEFAULT_MAX_PIXELS:,})",
+    )
+
+
+def max_pixels(args: argparse.Namespace) -> int | None:
+    if args.max_pixels < 0:
+        raise CommandError(f"--max-pixels must be 0 (no limit) or positive, got {args.max_pixels}")
+    return args.max_pixels or None
+
+
+def save_image(image: Image.Image, path: Path) -> Path:
+    """A PNG written atomically: a full disk or a crash never leaves a half-written image under the real name."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def failure_line(path: Path, error: BaseException) -> str:
+    """One line naming the input and the reason."""
+    if isinstance(error, OSError) and error.strerror:  # a full disk, a permission: say which file
+        reason = error.strerror + (f" ({error.filename})" if error.filename and str(error.filename) != str(path) else "")
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return reason if reason.startswith(str(path)) else f"{path}: {reason}"
+
+
 def unique_output(out_dir: Path, stem: str, suffix: str, taken: set[str]) -> Path:
     """`out_dir/stem.suffix`, numbered when two inputs share a stem, so no output overwrites another."""
     name, n = stem, 1
@@ -95,14 +132,16 @@ def unique_output(out_dir: Path, stem: str, suffix: str, taken: set[str]) -> Pat
 def for_each_file(
     paths: Sequence[str], work: Callable[[Path], str | None], description: str
 ) -> int:
-    """Run `work` on every path with a progress bar; bad inputs are reported, the rest still done."""
+    """Run `work` on every path with a progress bar; each bad input is reported in one line, the rest still done."""
+    from .codec import NonFiniteError
+
     failures = []
     for path in tqdm([Path(p) for p in paths], desc=description, unit="file", disable=len(paths) < 2):
         try:
             message = work(path)
-        except (ImageError, ValueError, OSError) as error:
-            failures.append(str(error))
-            tqdm.write(f"skipped: {error}", file=sys.stderr)
+        except (ImageError, ValueError, OSError, NonFiniteError) as error:
+            failures.append(failure_line(path, error))
+            tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
             continue
         if message:
             tqdm.write(message)
@@ -110,20 +149,21 @@ def for_each_file(
         print(f"{len(failures)} of {len(paths)} inputs failed; the other {len(paths) - len(failures)} were written",
               file=sys.stderr)
         return EXIT_SOME_FAILED
-    return 0
+    return EXIT_OK
 
 
 # -- commands -------------------------------------------------------------------------------------
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    limit = max_pixels(args)
     codec = open_codec(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
 
     def encode_one(path: Path) -> None:
-        encoded = codec.encode(load_image(path), sample=args.sample, return_dict=True)
+        encoded = codec.encode(load_image(path, max_pixels=limit), sample=args.sample, return_dict=True)
         save_latent_file(
             unique_output(out_dir, path.stem, ".safetensors", taken),
             LatentFile(encoded.latents[0], codec.fingerprint, encoded.image_size,
@@ -148,15 +188,20 @@ def run_decode(args: argparse.Namespace) -> int:
             )
         if latent.latents.shape[0] != codec.latent_channels:
             raise ValueError(f"{path}: {latent.latents.shape[0]} latent channels, this model has {codec.latent_channels}")
+        expected = codec.latent_shape(*latent.image_size)
+        if tuple(latent.latents.shape) != expected:  # else the crop back to image_size would be silently wrong
+            raise ValueError(f"{path}: a {latent.image_size[0]}x{latent.image_size[1]} image has a latent of shape "
+                             f"{expected}, this one is {tuple(latent.latents.shape)}")
         image = codec.decode(latent.latents, image_size=latent.image_size, output_type="pil")[0]
-        image.save(unique_output(out_dir, path.stem, ".png", taken))
+        save_image(image, unique_output(out_dir, path.stem, ".png", taken))
 
     return for_each_file(args.latents, decode_one, "decode")
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from .metrics import psnr, ssim
+    from .metrics import SSIM_WINDOW, psnr, ssim
 
+    limit = max_pixels(args)
     codec = open_codec(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,16 +209,19 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     scores: list[tuple[float, float]] = []
 
     def reconstruct_one(path: Path) -> str:
-        image = load_image(path)
+        image = load_image(path, max_pixels=limit)
+        if min(image.size) < SSIM_WINDOW:
+            raise ImageError(f"{path}: {image.width}x{image.height} is smaller than SSIM's {SSIM_WINDOW}-pixel window; "
+                             f"reconstruct needs at least {SSIM_WINDOW}x{SSIM_WINDOW} (encode and decode take any size)")
         encoded = codec.encode(image, return_dict=True)
         reference = pil_to_tensor(image).unsqueeze(0)
         result = codec.decode(encoded.latents, image_size=encoded.image_size).cpu()
         quality = (psnr(reference, result).item(), ssim(reference, result).item())
-        scores.append(quality)
         before, after = tensor_to_uint8(reference)[0], tensor_to_uint8(result)[0]
         strip = image_strip([before, after, error_map(before, after)],
                             ["original", f"reconstruction {quality[0]:.2f} dB", "error x4"])
-        strip.save(unique_output(out_dir, path.stem, ".png", taken))
+        save_image(strip, unique_output(out_dir, path.stem, ".png", taken))
+        scores.append(quality)  # only once written: the mean is over the outputs there are
         return f"{path}: PSNR {quality[0]:.2f} dB  SSIM {quality[1]:.4f}"
 
     status = for_each_file(args.images, reconstruct_one, "reconstruct")
@@ -184,29 +232,48 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    model_dir = Path(args.out or args.model)
     if not args.out and not Path(args.model).is_dir():
         raise CommandError(f"--model {args.model!r} is not a model folder: pass --out DIR to save the calibrated model")
-    from .model import save_vae
+    if args.resolution < 1:
+        raise CommandError(f"--resolution must be positive, got {args.resolution}")
+    from .model import model_folder, save_vae
 
-    codec = open_codec(args)
-    paths = find_images(args.data)[: args.limit or None]
+    limit = max_pixels(args)
+    scan = scan_images(args.data)
+    failures = list(scan.unreadable)
+    for line in scan.unreadable:
+        print(f"failed: {line}", file=sys.stderr)
+    paths = scan.files[: args.limit or None]
     if not paths:
-        raise CommandError(f"{args.data}: no images found")
+        raise CommandError(f"{args.data}: no images found" + (" (some folders could not be read)" if failures else ""))
+    codec = open_codec(args)
     images = []
     for path in tqdm(paths, desc="load", unit="img", disable=len(paths) < 2):
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=limit)
         except ImageError as error:
-            tqdm.write(f"skipped: {error}", file=sys.stderr)
+            failures.append(str(error))
+            tqdm.write(f"failed: {error}", file=sys.stderr)
             continue
         # one size for every image, so they batch: centre crop to a square, resize to --resolution
         images.append(centre_square(image, args.resolution))
+    if not images:
+        raise CommandError(f"{args.data}: none of the {len(paths)} images could be read")
     normalization = calibrate(codec, images, per_channel=args.per_channel)
-    save_vae(codec.vae.to("cpu", torch.float32), model_dir)
+    if args.out:
+        model_dir = Path(args.out)
+        with atomic_directory(model_dir) as tmp:
+            save_vae(codec.vae.to("cpu", torch.float32), tmp)
+    else:
+        # In place only the config changes (the weights are those on disk): replace config.json atomically.
+        model_dir = model_folder(Path(args.model))
+        atomic_write_text(model_dir / "config.json", codec.vae.to_json_string())
     print(json.dumps({"images": len(images), **normalization.to_config()}, indent=None))
     print(f"saved the calibrated model to {model_dir}")
-    return 0
+    if failures:
+        print(f"{len(failures)} inputs failed; calibrated on the other {len(images)} images", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -251,17 +318,22 @@ def run_info(args: argparse.Namespace) -> int:
 def run_interpolate(args: argparse.Namespace) -> int:
     from .codec import interpolate_latents
 
+    limit = max_pixels(args)
+    if args.resolution < 1:
+        raise CommandError(f"--resolution must be positive, got {args.resolution}")
+    if args.steps < 2:
+        raise CommandError(f"--steps must be at least 2 (A and B), got {args.steps}")
     codec = open_codec(args)
-    first, second = (centre_square(load_image(p), args.resolution) for p in (args.image_a, args.image_b))
+    first, second = (centre_square(load_image(p, max_pixels=limit), args.resolution) for p in (args.image_a, args.image_b))
     latents = codec.encode([first, second])
     path = interpolate_latents(latents[0], latents[1], args.steps, mode=args.mode)
     frames = codec.decode(path, output_type="pil")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = ["A"] + [f"{i / (args.steps - 1):.2f}" for i in range(1, args.steps - 1)] + ["B"]
-    image_grid([image_strip([first] + [Image.new("RGB", first.size, "white")] * (args.steps - 2) + [second],
-                            ["input A"] + [""] * (args.steps - 2) + ["input B"]),
-                image_strip(frames, labels)]).save(out)
+    save_image(image_grid([image_strip([first] + [Image.new("RGB", first.size, "white")] * (args.steps - 2) + [second],
+                                       ["input A"] + [""] * (args.steps - 2) + ["input B"]),
+                           image_strip(frames, labels)]), out)
     print(f"wrote {out}: {args.steps} images decoded along the {args.mode} path between the two latents")
     return 0
 
@@ -296,7 +368,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                 [path.name, f"reconstruction {score:.2f} dB", "error x4"]))
         tqdm.write(f"{path.name}: {args.resolution}x{args.resolution} -> latent {tuple(encoded.latents.shape[1:])} "
                    f"-> PSNR {score:.2f} dB")
-    image_grid(rows).save(out_dir / "reconstructions.png")
+    save_image(image_grid(rows), out_dir / "reconstructions.png")
     print(f"wrote {out_dir / 'reconstructions.png'} (original | reconstruction | error)")
     return 0
 
@@ -319,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sample", action="store_true", help="sample the posterior instead of taking its mode")
+    add_image_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=run_encode)
 
@@ -333,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Writes OUT/NAME.png: original | reconstruction | error map (x4).")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
+    add_image_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=run_reconstruct)
 
@@ -344,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=256, help="centre-crop and resize images to this (default 256)")
     p.add_argument("--limit", type=int, default=0, help="use at most this many images (default: all)")
     p.add_argument("--out", help="save the calibrated model here instead of into --model")
+    add_image_arguments(p)
     add_model_arguments(p, default=None)
     p.set_defaults(func=run_calibrate)
 
@@ -365,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="images in the strip, A and B included (default 8)")
     p.add_argument("--mode", choices=["slerp", "lerp"], default="slerp")
     p.add_argument("--resolution", type=int, default=256, help="square side in pixels (default 256)")
+    add_image_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=run_interpolate)
 
@@ -385,18 +461,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad arguments: argparse's usage line and exit 2
     from .codec import NonFiniteError
 
     try:
         return args.func(args)
     except (ValueError, OSError, NonFiniteError) as error:
         # ImageError, ModelLoadError and CommandError are ValueErrors: one line, no traceback
-        print(f"latent-vae: error: {error}", file=sys.stderr)
+        print(f"latent-vae: error: {one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("latent-vae: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: say so in one line first, so that a script's log shows it, then the details
+        print(f"latent-vae: internal error ({type(error).__name__}: {one_line(error)}); this is a bug, "
+              "please report it with the traceback below", file=sys.stderr)
+        traceback.print_exc()
+        return EXIT_INTERNAL_ERROR
+
+
+def one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 
+SSIM_WINDOW = 11  # pixels: the Gaussian window of `ssim`; smaller images have no SSIM
+
+
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().clamp(-1, 1).add(1).div(2)
 
@@ -21,9 +24,13 @@ def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Gaussian window 11, sigma 1.5) of Nx3xHxW batches in [-1, 1]: a tensor of N values."""
+    """Per-image SSIM (Gaussian window 11, sigma 1.5) of Nx3xHxW batches in [-1, 1]: a tensor of N values.
+    Both sides must be at least SSIM_WINDOW pixels (a ValueError otherwise)."""
+    if min(reference.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got "
+                         f"{reference.shape[-1]}x{reference.shape[-2]}")
     return structural_similarity_index_measure(
-        _to_unit(reconstruction), _to_unit(reference), data_range=1.0, reduction="none"
+        _to_unit(reconstruction), _to_unit(reference), data_range=1.0, reduction="none", kernel_size=SSIM_WINDOW
     )
 
 

@@ -144,7 +144,7 @@ def _first_line(error: BaseException) -> str:
 LOAD_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError)
 
 
-def _model_folder(path: Path) -> Path | None:
+def model_folder(path: Path) -> Path | None:
     """The folder holding config.json: the path itself, or a pipeline's `vae/` subfolder."""
     for folder in (path, path / "vae"):
         if (folder / "config.json").is_file():
@@ -163,7 +163,7 @@ def load_vae(source: str | os.PathLike, *, seed: int | None = None) -> Autoencod
         return build_vae(source, seed=seed)
     path = Path(source).expanduser()
     if path.is_dir():
-        folder = _model_folder(path)
+        folder = model_folder(path)
         if folder is None:
             raise ModelLoadError(f"{path} has no config.json (nor vae/config.json): not a diffusers model folder")
         cls = _class_for(_read_config(folder / "config.json"))
