@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from latent_vae.atomic import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -94,13 +96,14 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps({**meta, **(extra or {}), "notes": notes, "rows": list(rows)}, indent=2))
+    # Atomic: a benchmark killed while writing leaves the previous results, not half a file.
+    atomic_write_text(json_path, json.dumps({**meta, **(extra or {}), "notes": notes, "rows": list(rows)}, indent=2))
     where = meta["machine"].get("gpu") or f"{meta['machine']['cpu']}, {meta['machine']['torch_threads']} threads"
     md = f"### {name}\n\nMeasured {meta['date']} on {where}, torch {meta['machine']['torch']}.\n\n"
     md += markdown_table(rows, columns) + "\n"
     if notes:
         md += f"\n{notes}\n"
     md_path = out_dir / f"{name}.md"
-    md_path.write_text(md)
+    atomic_write_text(md_path, md)
     print(md)
     return json_path, md_path

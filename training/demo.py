@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from latent_vae import LatentCodec, interpolate_latents
+from latent_vae.atomic import atomic_write_text
 from latent_vae.images import (
     centre_square,
     error_map,
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(train_steps=state["step"], train_images=state["samples_seen"], train_seconds=train_seconds,
                    model=config.model, crop=config.resolution, batch_size=config.batch_size,
                    learning_rate=config.learning_rate, model_dir=str(model_dir))
-    (args.out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(args.out / "demo_results.json", json.dumps(results, indent=2))
     photo_size = results["holdout_native_size"]
     code_line = code_native = ""
     if "code_psnr" in results:
