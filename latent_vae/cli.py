@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("latent-vae: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # a bug: say so in one line first, so that a script's log shows it, then the details
+    except Exception as error:  # noqa: BLE001 -- a bug: one line first (a log shows it), then the details
         print(f"latent-vae: internal error ({type(error).__name__}: {one_line(error)}); this is a bug, "
               "please report it with the traceback below", file=sys.stderr)
         traceback.print_exc()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
-
-import math
 
 import torch
 from diffusers import AutoencoderKL

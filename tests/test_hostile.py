@@ -8,7 +8,6 @@ traceback, and the good outputs written and correct.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ import latent_vae.latent_files as latent_files_module
 from latent_vae import LatentCodec, build_vae, save_vae
 from latent_vae.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_SOME_FAILED, main
 from latent_vae.images import ImageError, load_image
-from latent_vae.latent_files import FORMAT, LatentFile, load_latent_file, save_latent_file
+from latent_vae.latent_files import FORMAT, load_latent_file
 from latent_vae.model import save_single_file
 
 MODEL = ["--model", TINY, "--device", "cpu", "--tile-size", "0"]
@@ -349,7 +348,7 @@ def test_no_traceback_reaches_a_script_that_runs_the_command(tmp_path, photos):
     result = subprocess.run(
         [sys.executable, "-m", "latent_vae.cli", "encode", str(tmp_path / "bomb.png"), str(photos / "good0.png"),
          "--out", str(tmp_path / "out"), *MODEL],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+        check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
     )
     assert result.returncode == EXIT_SOME_FAILED, result.stderr
     assert "Traceback" not in result.stderr and "bomb.png" in result.stderr
@@ -468,7 +467,7 @@ def test_training_with_a_model_that_does_not_exist_exits_2_without_a_traceback(t
     result = subprocess.run(
         [sys.executable, "-m", "training.train_vae", "--config", "tiny_test", "--data", str(train_images),
          "--model", "nope", "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+        check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: 'nope' is neither a preset")

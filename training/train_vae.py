@@ -369,7 +369,7 @@ def run(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 -- a bug: a summary line, then the traceback
         print(f"error: internal error, {type(error).__name__}: {_one_line(error)} (traceback below)", file=sys.stderr)
         traceback.print_exc()
         sys.exit(EXIT_INTERNAL_ERROR)
