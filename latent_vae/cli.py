@@ -104,6 +104,12 @@ def max_pixels(args: argparse.Namespace) -> int | None:
     return args.max_pixels or None
 
 
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
 def save_image(image: Image.Image, path: Path) -> Path:
     """A PNG written atomically: a full disk or a crash never leaves a half-written image under the real name."""
     with atomic_path(path) as tmp:
@@ -234,8 +240,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     if not args.out and not Path(args.model).is_dir():
         raise CommandError(f"--model {args.model!r} is not a model folder: pass --out DIR to save the calibrated model")
-    if args.resolution < 1:
-        raise CommandError(f"--resolution must be positive, got {args.resolution}")
+    require_positive(args, "resolution")
     from .model import model_folder, save_vae
 
     limit = max_pixels(args)
@@ -279,12 +284,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from .model import codec_flops, count_parameters, load_vae
 
+    require_positive(args, "resolution")
     vae = load_vae(args.model, seed=args.seed)
     config = vae.config
     factor = downsampling_factor(config.block_out_channels)
     height = width = args.resolution
     latent = (config.latent_channels, -(-height // factor), -(-width // factor))
-    encode_flops, decode_flops = codec_flops(vae, height, width)
+    # the codec pads a side that is not a multiple of the factor: count the pass it actually runs
+    encode_flops, decode_flops = codec_flops(vae, latent[1] * factor, latent[2] * factor)
     info = {
         "model": args.model,
         "class": type(vae).__name__,
@@ -319,8 +326,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     from .codec import interpolate_latents
 
     limit = max_pixels(args)
-    if args.resolution < 1:
-        raise CommandError(f"--resolution must be positive, got {args.resolution}")
+    require_positive(args, "resolution")
     if args.steps < 2:
         raise CommandError(f"--steps must be at least 2 (A and B), got {args.steps}")
     codec = open_codec(args)
@@ -353,6 +359,7 @@ def sample_photos() -> list[Path]:
 def run_demo(args: argparse.Namespace) -> int:
     from .metrics import psnr
 
+    require_positive(args, "resolution")
     codec = open_codec(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -258,6 +258,22 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path, capsys, photos, device
     assert code == EXIT_BAD_INPUT and len(err.strip().splitlines()) == 1 and repr(device) in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["info", "--resolution", "0"],
+    ["demo", "--resolution", "-1"],
+    ["interpolate", "A", "A", "--steps", "1"],
+    ["interpolate", "A", "A", "--resolution", "0"],
+    ["encode", "A", "--max-pixels", "-1"],
+])
+def test_impossible_numbers_are_one_line_and_exit_2(tmp_path, capsys, photos, argv):
+    argv = [str(photos / "good0.png") if a == "A" else a for a in argv]
+    out = [] if argv[0] == "info" else ["--out", tmp_path / "out"]
+    code, _, err = run(capsys, *argv, *out, "--model", TINY)
+    assert code == EXIT_BAD_INPUT
+    [line] = failure_lines(err)
+    assert line.startswith("latent-vae: error: --") and argv[-2] in line
+
+
 def _model_variants(root: Path) -> dict[str, tuple[Path, Path, str]]:
     """Broken models: name -> (what to pass as --model, the file the error must name, what else it must say)."""
     save_vae(build_vae(TINY, seed=0), root / "good")
@@ -434,6 +450,7 @@ def test_training_bad_starts_are_one_line_and_exit_2(tmp_path, capsys, train_ima
     cases = [
         (["--data", tmp_path / "empty"], "no image files found"),
         (["--data", broken], "no readable validation image"),
+        (["--data", broken, "--validation_data", train_images], "16 unreadable images in a row"),
         (["--data", train_images, "--resolution", 7], "resolution must be a multiple of the model's downsampling factor 16"),
         (["--data", train_images, "--model", "nope"], "'nope' is neither a preset"),
     ]
@@ -441,7 +458,8 @@ def test_training_bad_starts_are_one_line_and_exit_2(tmp_path, capsys, train_ima
         AcceleratorState._reset_state(True)
         code, err = train_command(capsys, *argv, "--output_dir", tmp_path / "out")
         assert code == 2, argv
-        [line] = [line for line in err.splitlines() if line.startswith("error:")]
+        # (after the progress bar's text when the data fails at the first step)
+        [line] = [line[line.index("error: "):] for line in err.splitlines() if "error: " in line]
         assert message in line, (argv, line)
 
 

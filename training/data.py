@@ -125,7 +125,7 @@ class CropDataset(Dataset):
                 return random_crop(image, self.resolution, rng, self.min_scale, self.flip), skipped
             except ImageError:
                 continue
-        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row from {self.source.describe(index)}: "
+        raise ValueError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row from {self.source.describe(index)}: "
                            "is the data (or --image_column) right?")
 
 
