@@ -241,6 +241,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if not args.out and not Path(args.model).is_dir():
         raise CommandError(f"--model {args.model!r} is not a model folder: pass --out DIR to save the calibrated model")
     require_positive(args, "resolution")
+    if args.limit < 0:
+        raise CommandError(f"--limit must be 0 (all images) or positive, got {args.limit}")
     from .model import model_folder, save_vae
 
     limit = max_pixels(args)
