@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .presets import PRESETS, VAEPreset, get_preset
 from .residual import ResidualAutoencoderKL
 
@@ -228,7 +229,8 @@ def save_single_file(vae: AutoencoderKL, path: str | os.PathLike) -> Path:
     path = Path(path)
     config = {**vae.config, "_class_name": type(vae).__name__}
     state_dict = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    save_file(state_dict, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(config, default=list)})
+    with atomic_path(path) as tmp:  # never a half-written model under the real name
+        save_file(state_dict, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(config, default=list)})
     return path
 
 
