@@ -1,4 +1,4 @@
-"""The `latent-vae` command line: encode, decode, reconstruct, calibrate, info, interpolate, demo, precompute.
+"""The `latent-vae` command line: encode, decode, reconstruct, calibrate, info, interpolate, demo, precompute, convert.
 
 Every command reports bad input as one line on stderr and a non-zero exit, without a traceback; in a
 batch the bad files are listed and every good one is still written (exit 1 when any failed).
@@ -301,6 +301,27 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    result = convert_checkpoint(args.source, args.out, config=args.config, single_file=args.single_file,
+                                prefix=args.prefix)
+    origin = f"from {args.config}" if args.config else "inferred from the weights"
+    print(f"architecture ({origin}): {result.architecture.describe()}")
+    print(f"read {args.source} with {result.reader}; converted {result.converted} autoencoder tensors"
+          + (f" under the prefix {result.prefix!r}" if result.prefix else ""))
+    if result.ignored:
+        print(f"ignored {sum(result.ignored.values())} tensors that are not the autoencoder: "
+              + ", ".join(f"{name} {count}" for name, count in result.ignored.items()))
+    if result.skipped_objects:
+        print(f"skipped {sum(result.skipped_objects.values())} non-tensor objects without building them: "
+              + ", ".join(sorted(result.skipped_objects)))
+    print(f"saved {result.folder}" + (f" and {result.single_file}" if result.single_file else ""))
+    print(f"its normalisation is neutral (scale 1, shift 0): measure it with "
+          f"`latent-vae calibrate --model {result.folder} --data IMAGES`")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -381,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "parquet shards; killed, the same command resumes; see README 'Latent datasets'.")
     add_precompute_arguments(p)
     p.set_defaults(func=run_precompute)
+
+    p = commands.add_parser("convert", help="an original latent-diffusion (LDM) autoencoder checkpoint -> diffusers folder",
+                            description="Convert an LDM-layout KL autoencoder (CompVis kl-f4..f32, VA-VAE) from a "
+                            "Lightning .ckpt, a .pt/.pth state dict or a .safetensors file into a diffusers model "
+                            "folder. Pickles are read without running any code from them.")
+    p.add_argument("source", metavar="SRC", help="the checkpoint (.ckpt, .pt, .pth or .safetensors)")
+    p.add_argument("--out", required=True, help="the diffusers model folder to write")
+    p.add_argument("--config", help="LDM's yaml (model.params.ddconfig + embed_dim); default: inferred from the weights")
+    p.add_argument("--single-file", metavar="PATH", help="also write one .safetensors file with the config inside")
+    p.add_argument("--prefix", help="the autoencoder's key prefix, e.g. first_stage_model. (default: found)")
+    p.set_defaults(func=run_convert)
     return parser
 
 
