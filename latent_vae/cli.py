@@ -314,7 +314,7 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"ignored {sum(result.ignored.values())} tensors that are not the autoencoder: "
               + ", ".join(f"{name} {count}" for name, count in result.ignored.items()))
     if result.skipped_objects:
-        print(f"skipped {sum(result.skipped_objects.values())} non-tensor objects without building them: "
+        print("replaced these non-tensor objects by inert placeholders (none was built, no code of the file ran): "
               + ", ".join(sorted(result.skipped_objects)))
     print(f"saved {result.folder}" + (f" and {result.single_file}" if result.single_file else ""))
     print(f"its normalisation is neutral (scale 1, shift 0): measure it with "

@@ -99,7 +99,9 @@ class LoadedCheckpoint:
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    first = text[0] if text else ""
+    first = first if len(first) <= 120 else first[:117] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
@@ -128,10 +130,10 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(skipped))
         except Exception as error:
-            raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_one_line(error)})") from None
+            raise ConvertError(f"{path}: truncated, or not a PyTorch checkpoint ({_one_line(error)})") from None
         reader = "torch (restricted unpickler)"
     except Exception as error:  # truncated zip, wrong magic number, ...
-        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_one_line(error)})") from None
+        raise ConvertError(f"{path}: truncated, or not a PyTorch checkpoint ({_one_line(error)})") from None
     return LoadedCheckpoint(_state_dict_of(loaded, path), reader, skipped)
 
 

@@ -21,7 +21,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 from torch import nn
 
-from latent_vae.convert import ConvertError, convert_checkpoint, read_checkpoint
+from latent_vae.cli import main
+from latent_vae.convert import ConvertError, convert_checkpoint
 from latent_vae.model import load_vae
 
 # -- an LDM autoencoder, written from the paper's architecture ---------------------------------------------
@@ -361,25 +362,32 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "latent_vae.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli_converts_prints_the_architecture_and_reports_bad_files_in_one_line(tmp_path):
-    model = reference("kl-f16")
-    torch.save(lightning_checkpoint(model), tmp_path / "kl-f16.ckpt")
-    data = (tmp_path / "kl-f16.ckpt").read_bytes()
+def test_cli_reports_truncated_and_foreign_files_in_one_line_without_a_traceback(tmp_path, capsys):
+    torch.save(lightning_checkpoint(reference("attn-inner")), tmp_path / "model.ckpt")
+    data = (tmp_path / "model.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     (tmp_path / "empty.pt").write_bytes(b"")
-    for name in ("truncated.ckpt", "notes.ckpt", "broken.safetensors", "empty.pt", "absent.ckpt"):
-        failed = run_cli("convert", str(tmp_path / name), "--out", str(tmp_path / "bad"))
-        assert failed.returncode == 2, failed.stderr
-        lines = failed.stderr.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in failed.stderr and name in lines[0], failed.stderr
+    for name in ("notes.ckpt", "broken.safetensors", "empty.pt", "absent.ckpt"):
+        assert main(["convert", str(tmp_path / name), "--out", str(tmp_path / "bad")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and name in lines[0], lines
+    # One through a real process: exit status 2, one line on stderr, no traceback.
+    failed = run_cli("convert", str(tmp_path / "truncated.ckpt"), "--out", str(tmp_path / "bad"))
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines() == [failed.stderr.strip()] and "truncated.ckpt" in failed.stderr
     assert not (tmp_path / "bad").exists()
 
-    done = run_cli("convert", str(tmp_path / "kl-f16.ckpt"), "--out", str(tmp_path / "vae"),
-                   "--single-file", str(tmp_path / "vae.safetensors"))
-    assert done.returncode == 0, done.stderr
-    assert "ch_mult (1, 1, 2, 2, 4)" in done.stdout and "attention at levels [4]" in done.stdout
-    assert "ignored 3 tensors that are not the autoencoder: loss 3" in done.stdout
+
+def test_cli_converts_and_prints_the_architecture(tmp_path, capsys):
+    torch.save(lightning_checkpoint(reference("kl-f16")), tmp_path / "kl-f16.ckpt")
+    code = main(["convert", str(tmp_path / "kl-f16.ckpt"), "--out", str(tmp_path / "vae"),
+                 "--single-file", str(tmp_path / "vae.safetensors")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "ch_mult (1, 1, 2, 2, 4)" in out and "attention at levels [4] of the encoder" in out
+    assert "ignored 3 tensors that are not the autoencoder: loss 3" in out
+    assert "latent-vae calibrate" in out
     assert json.loads((tmp_path / "vae" / "config.json").read_text())["latent_channels"] == 16
-    assert (tmp_path / "vae.safetensors").is_file()
+    assert load_vae(tmp_path / "vae.safetensors").config.down_block_types[-1] == "AttnDownEncoderBlock2D"
