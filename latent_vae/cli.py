@@ -305,7 +305,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
     result = convert_checkpoint(args.source, args.out, config=args.config, single_file=args.single_file,
-                                prefix=args.prefix)
+                                prefix=args.prefix, use_ema=args.ema)
     origin = f"from {args.config}" if args.config else "inferred from the weights"
     print(f"architecture ({origin}): {result.architecture.describe()}")
     print(f"read {args.source} with {result.reader}; converted {result.converted} autoencoder tensors"
@@ -313,6 +313,9 @@ def run_convert(args: argparse.Namespace) -> int:
     if result.ignored:
         print(f"ignored {sum(result.ignored.values())} tensors that are not the autoencoder: "
               + ", ".join(f"{name} {count}" for name, count in result.ignored.items()))
+    if result.ema != "none":
+        print("converted the EMA weights (model_ema)" if result.ema == "converted" else
+              "the checkpoint also holds EMA weights (model_ema): --ema converts those instead")
     if result.skipped_objects:
         print("replaced these non-tensor objects by inert placeholders (none was built, no code of the file ran): "
               + ", ".join(sorted(result.skipped_objects)))
@@ -412,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="LDM's yaml (model.params.ddconfig + embed_dim); default: inferred from the weights")
     p.add_argument("--single-file", metavar="PATH", help="also write one .safetensors file with the config inside")
     p.add_argument("--prefix", help="the autoencoder's key prefix, e.g. first_stage_model. (default: found)")
+    p.add_argument("--ema", action="store_true", help="convert the EMA weights (LDM's model_ema) instead of the raw ones")
     p.set_defaults(func=run_convert)
     return parser
 

@@ -25,6 +25,7 @@ import torch
 # LDM's Normalize() is GroupNorm(32, C, eps=1e-6) everywhere: the group count is not in the weights.
 LDM_NORM_GROUPS = 32
 AUTOENCODER_MODULES = ("encoder", "decoder", "quant_conv", "post_quant_conv")
+EMA_MODULE = "model_ema"  # LDM's LitEma: a buffer per weight, named without its dots (encoderconv_inweight)
 ANCHOR_KEY = "encoder.conv_in.weight"  # present in every LDM autoencoder; finds the autoencoder's key prefix
 
 
@@ -342,6 +343,7 @@ class Conversion:
     reader: str
     skipped_objects: dict[str, int]
     prefix: str
+    ema: str  # "converted" (use_ema), "present" (the checkpoint has EMA weights, not used) or "none"
 
 
 def _autoencoder_prefix(keys, prefix: str | None) -> str:
@@ -395,6 +397,7 @@ def convert_checkpoint(
     config: str | os.PathLike | None = None,
     single_file: str | os.PathLike | None = None,
     prefix: str | None = None,
+    use_ema: bool = False,
 ) -> Conversion:
     """Convert an LDM-layout autoencoder checkpoint into a diffusers folder (and a single file if asked).
 
@@ -404,6 +407,8 @@ def convert_checkpoint(
         config: LDM's yaml (`model.params.ddconfig` + `embed_dim`); by default the architecture is inferred.
         single_file: also write one `.safetensors` file with the config in its metadata.
         prefix: the autoencoder's key prefix (e.g. `first_stage_model.` in a whole LDM); found by default.
+        use_ema: convert the EMA weights that LDM's `LitEma` keeps under `model_ema.` (names without dots)
+            instead of the raw ones.
     """
     from .model import save_single_file, save_vae
 
@@ -416,9 +421,19 @@ def convert_checkpoint(
             autoencoder[local] = tensor
         else:
             ignored[key.split(".")[0]] += 1
+    ema_prefix = prefix + EMA_MODULE + "."
+    ema = {k[len(ema_prefix):]: v for k, v in loaded.tensors.items() if k.startswith(ema_prefix)}
+    if use_ema:
+        if not ema:
+            raise ConvertError(f"{source}: no EMA weights (no {ema_prefix}* keys) to convert")
+        missing = [k for k in autoencoder if k.replace(".", "") not in ema]
+        if missing:
+            raise ConvertError(f"{source}: no EMA weight {ema_prefix + missing[0].replace('.', '')!r} for {missing[0]!r}")
+        autoencoder = {k: ema[k.replace(".", "")] for k in autoencoder}
     architecture = read_ddconfig(config) if config else infer_architecture(autoencoder)
     vae = to_diffusers(autoencoder, architecture)
     folder = save_vae(vae, out_dir)
     written = save_single_file(vae, single_file) if single_file else None
     return Conversion(architecture, folder, written, len(autoencoder), dict(OrderedDict(sorted(ignored.items()))),
-                      loaded.reader, dict(loaded.skipped_objects), prefix)
+                      loaded.reader, dict(loaded.skipped_objects), prefix,
+                      "converted" if use_ema else "present" if ema else "none")

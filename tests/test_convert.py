@@ -311,6 +311,19 @@ def test_whole_ldm_checkpoint_finds_the_first_stage_model(tmp_path):
     assert_matches(model, AutoencoderKL.from_pretrained(tmp_path / "vae"), size=32)
 
 
+def test_ema_weights_convert_when_asked(tmp_path):
+    raw, averaged = reference("attn-inner", seed=0), reference("attn-inner", seed=1)
+    # LDM's LitEma keeps one buffer per weight, named without dots, plus its own counters.
+    ema = {f"model_ema.{k.replace('.', '')}": v for k, v in averaged.state_dict().items()}
+    ema.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10)})
+    torch.save({"state_dict": {**raw.state_dict(), **ema}}, tmp_path / "ema.ckpt")
+    plain = convert_checkpoint(tmp_path / "ema.ckpt", tmp_path / "raw")
+    assert plain.ema == "present" and plain.ignored == {"model_ema": len(ema)}
+    assert_matches(raw, AutoencoderKL.from_pretrained(tmp_path / "raw"), size=32)
+    assert convert_checkpoint(tmp_path / "ema.ckpt", tmp_path / "ema", use_ema=True).ema == "converted"
+    assert_matches(averaged, AutoencoderKL.from_pretrained(tmp_path / "ema"), size=32)
+
+
 def test_a_missing_or_misshaped_autoencoder_key_is_an_error_naming_it(tmp_path):
     state = reference("kl-f16").state_dict()
     missing = dict(state)
