@@ -43,7 +43,7 @@ class _Inert:
     def __init__(self, *args, **kwargs) -> None:
         pass
 
-    def __call__(self, *args, **kwargs) -> "_Inert":
+    def __call__(self, *args, **kwargs) -> _Inert:
         return _Inert()
 
     def __setstate__(self, state) -> None:
@@ -79,7 +79,8 @@ def _restricted_pickle_module(skipped: Counter) -> types.ModuleType:
 
     class RestrictedUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
-            if (module, name) in _TENSOR_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            if (module, name) in _TENSOR_GLOBALS or is_dtype:
                 return super().find_class(module, name)
             skipped[f"{module}.{name}"] += 1
             return _Inert
@@ -119,17 +120,19 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return LoadedCheckpoint({key: f.get_tensor(key) for key in f.keys()}, "safetensors")
+                return LoadedCheckpoint({key: f.get_tensor(key) for key in f.keys()}, "safetensors")  # noqa: SIM118 (no __iter__)
         except Exception as error:  # a truncated or foreign file: whatever the reader raised, say it in one line
             raise ConvertError(f"{path}: not a readable .safetensors file ({_one_line(error)})") from None
     try:
-        loaded, reader, skipped = torch.load(path, map_location="cpu", weights_only=True), "torch (weights_only)", Counter()
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        reader, skipped = "torch (weights_only)", Counter()
     except pickle.UnpicklingError:
         # Refused (a Lightning checkpoint's callbacks and hyper-parameters), or not a pickle at all: retry with
         # the restricted unpickler, which reads the tensors and builds nothing else.
         skipped = Counter()
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(skipped))
+            restricted = _restricted_pickle_module(skipped)
+            loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
         except Exception as error:
             raise ConvertError(f"{path}: truncated, or not a PyTorch checkpoint ({_one_line(error)})") from None
         reader = "torch (restricted unpickler)"
@@ -178,8 +181,8 @@ class LDMArchitecture:
         return dict(
             in_channels=self.in_channels,
             out_channels=self.out_channels,
-            down_block_types=tuple("AttnDownEncoderBlock2D" if i in self.encoder_attention_levels else "DownEncoderBlock2D"
-                                   for i in range(levels)),
+            down_block_types=tuple("AttnDownEncoderBlock2D" if i in self.encoder_attention_levels
+                                   else "DownEncoderBlock2D" for i in range(levels)),
             up_block_types=tuple("AttnUpDecoderBlock2D" if levels - 1 - k in self.decoder_attention_levels
                                  else "UpDecoderBlock2D" for k in range(levels)),
             block_out_channels=tuple(self.block_out_channels),
@@ -202,10 +205,9 @@ class LDMArchitecture:
         ch = self.block_out_channels[0]
         ch_mult = tuple(c // ch for c in self.block_out_channels)
         factor = 2 ** (self.levels - 1)
-
+        encoder, decoder = list(self.encoder_attention_levels), list(self.decoder_attention_levels)
         return (f"ch {ch}, ch_mult {ch_mult}, {self.layers_per_block} res blocks per level, attention at levels "
-                f"{list(self.encoder_attention_levels)} of the encoder and {list(self.decoder_attention_levels)} of the "
-                f"decoder (level i works at 1/2**i of the image side)"
+                f"{encoder} of the encoder and {decoder} of the decoder (level i works at 1/2**i of the image side)"
                 f"{' and in the mid blocks' if self.mid_attention else ', none in the mid blocks'}, "
                 f"z_channels {self.latent_channels}: f{factor}, {self.in_channels}xHxW -> "
                 f"{self.latent_channels}x(H/{factor})x(W/{factor})")
@@ -428,7 +430,8 @@ def convert_checkpoint(
             raise ConvertError(f"{source}: no EMA weights (no {ema_prefix}* keys) to convert")
         missing = [k for k in autoencoder if k.replace(".", "") not in ema]
         if missing:
-            raise ConvertError(f"{source}: no EMA weight {ema_prefix + missing[0].replace('.', '')!r} for {missing[0]!r}")
+            wanted = ema_prefix + missing[0].replace(".", "")
+            raise ConvertError(f"{source}: no EMA weight {wanted!r} for {missing[0]!r}")
         autoencoder = {k: ema[k.replace(".", "")] for k in autoencoder}
     architecture = read_ddconfig(config) if config else infer_architecture(autoencoder)
     vae = to_diffusers(autoencoder, architecture)

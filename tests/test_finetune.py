@@ -4,7 +4,6 @@ the decoder learns, the latent space does not move, and latents precomputed befo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +99,8 @@ def test_converted_model_codes_calibrates_precomputes_and_fine_tunes_with_a_froz
 
 
 def test_freeze_encoder_is_a_flag_and_needs_a_trained_model(image_folder):
-    assert parse_args(["--config", "tiny_test", "--data", "x", "--model", "some/folder", "--freeze_encoder"]).freeze_encoder
-    assert not parse_args(["--config", "tiny_test", "--data", "x", "--freeze_encoder", "false"]).freeze_encoder
+    args = ["--config", "tiny_test", "--data", "x", "--model", "some/folder"]
+    assert parse_args([*args, "--freeze_encoder"]).freeze_encoder
+    assert not parse_args([*args, "--freeze_encoder", "false"]).freeze_encoder
     with pytest.raises(ValueError, match="preset"):
         load_config("tiny_test", {"data": str(image_folder), "freeze_encoder": True}).validate()

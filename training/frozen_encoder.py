@@ -52,11 +52,13 @@ def check_frozen_encoder(source: str, exported: Path, digest_before: str, out_di
     digest_after = encoder_digest(after)
     same_normalization = all(before.config.get(k) == after.config.get(k) for k in NORMALIZATION_KEYS)
     record = {
-        "source": str(source), "source_fingerprint": model_fingerprint(before), "fingerprint": model_fingerprint(after),
+        "source": str(source), "source_fingerprint": model_fingerprint(before),
+        "fingerprint": model_fingerprint(after),
         "encoder_sha256_before": digest_before, "encoder_sha256_after": digest_after,
         "encoder_unchanged": digest_after == digest_before, "normalization_unchanged": same_normalization,
     }
     (Path(out_dir) / RECORD_FILE).write_text(json.dumps(record, indent=2))
     if not (record["encoder_unchanged"] and same_normalization):
-        raise RuntimeError(f"freeze_encoder: the saved latent space differs from {source}'s (see {out_dir}/{RECORD_FILE})")
+        raise RuntimeError(f"freeze_encoder: the saved latent space differs from {source}'s "
+                           f"(see {Path(out_dir) / RECORD_FILE})")
     return record
