@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import types
+import zipfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,8 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
                 return LoadedCheckpoint({key: f.get_tensor(key) for key in f.keys()}, "safetensors")  # noqa: SIM118 (no __iter__)
         except Exception as error:  # a truncated or foreign file: whatever the reader raised, say it in one line
             raise ConvertError(f"{path}: not a readable .safetensors file ({_one_line(error)})") from None
+    if _is_torchscript(path):  # torch.load(weights_only=False) would hand it to torch.jit.load
+        raise ConvertError(f"{path}: a TorchScript archive (a program), not a checkpoint of weights")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         reader, skipped = "torch (weights_only)", Counter()
@@ -139,6 +142,13 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     except Exception as error:  # truncated zip, wrong magic number, ...
         raise ConvertError(f"{path}: truncated, or not a PyTorch checkpoint ({_one_line(error)})") from None
     return LoadedCheckpoint(_state_dict_of(loaded, path), reader, skipped)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
 
 
 def _state_dict_of(loaded, path: Path) -> dict[str, torch.Tensor]:

@@ -365,6 +365,12 @@ def test_a_checkpoint_with_a_code_running_reduce_runs_nothing(zip_format, tmp_pa
     assert_matches(model, AutoencoderKL.from_pretrained(tmp_path / "vae"), size=32)
 
 
+def test_a_torchscript_archive_is_refused_not_loaded(tmp_path):
+    torch.jit.save(torch.jit.script(nn.Conv2d(3, 3, 1)), tmp_path / "scripted.pt")
+    with pytest.raises(ConvertError, match="scripted.pt: a TorchScript archive"):
+        convert_checkpoint(tmp_path / "scripted.pt", tmp_path / "vae")
+
+
 def test_other_loaders_still_refuse_pickles(tmp_path):
     torch.save(reference("attn-inner").state_dict(), tmp_path / "model.ckpt")
     with pytest.raises(ValueError, match="refusing to unpickle"):
