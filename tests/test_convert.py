@@ -365,6 +365,7 @@ def test_a_checkpoint_with_a_code_running_reduce_runs_nothing(zip_format, tmp_pa
     assert_matches(model, AutoencoderKL.from_pretrained(tmp_path / "vae"), size=32)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, used here only to make such an archive
 def test_a_torchscript_archive_is_refused_not_loaded(tmp_path):
     torch.jit.save(torch.jit.script(nn.Conv2d(3, 3, 1)), tmp_path / "scripted.pt")
     with pytest.raises(ConvertError, match="scripted.pt: a TorchScript archive"):

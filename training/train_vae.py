@@ -342,7 +342,8 @@ def main(config: TrainConfig) -> Path:
                   f"by {config.model} (fingerprint {record['source_fingerprint']}) decode with this decoder")
         if state["images_skipped"]:
             print(f"skipped {state['images_skipped']} unreadable image reads on the main process")
-        print(f"saved {out} (EMA weights, calibrated normalisation)")
+        normalization = "the source's normalisation" if config.freeze_encoder else "calibrated normalisation"
+        print(f"saved {out} (EMA weights, {normalization})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
