@@ -17,7 +17,7 @@ import pickle
 import re
 import types
 import zipfile
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +121,8 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return LoadedCheckpoint({key: f.get_tensor(key) for key in f.keys()}, "safetensors")  # noqa: SIM118 (no __iter__)
+                names = f.keys()  # safe_open has no __iter__
+                return LoadedCheckpoint({key: f.get_tensor(key) for key in names}, "safetensors")
         except Exception as error:  # a truncated or foreign file: whatever the reader raised, say it in one line
             raise ConvertError(f"{path}: not a readable .safetensors file ({_one_line(error)})") from None
     if _is_torchscript(path):  # torch.load(weights_only=False) would hand it to torch.jit.load
@@ -159,7 +160,9 @@ def _state_dict_of(loaded, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
             break
-    return {key: value for key, value in loaded.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
+    # detach(): fresh tensor objects, without any backward hooks the pickle attached to the ones it built
+    return {key: value.detach() for key, value in loaded.items()
+            if isinstance(key, str) and isinstance(value, torch.Tensor)}
 
 
 # -- the architecture ---------------------------------------------------------------------------------------
@@ -447,6 +450,6 @@ def convert_checkpoint(
     vae = to_diffusers(autoencoder, architecture)
     folder = save_vae(vae, out_dir)
     written = save_single_file(vae, single_file) if single_file else None
-    return Conversion(architecture, folder, written, len(autoencoder), dict(OrderedDict(sorted(ignored.items()))),
+    return Conversion(architecture, folder, written, len(autoencoder), dict(sorted(ignored.items())),
                       loaded.reader, dict(loaded.skipped_objects), prefix,
                       "converted" if use_ema else "present" if ema else "none")
