@@ -1,4 +1,4 @@
-"""The `latent-vae` command line: encode, decode, reconstruct, calibrate, info, interpolate, demo, precompute.
+"""The `latent-vae` command line: encode, decode, reconstruct, calibrate, info, interpolate, demo, precompute, convert.
 
 Exit statuses (the same for every command): 0 everything done; 1 some inputs failed (each reported in one
 line naming it and the reason; every good input still written); 2 the command could not run at all (bad
@@ -382,6 +382,30 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    result = convert_checkpoint(args.source, args.out, config=args.config, single_file=args.single_file,
+                                prefix=args.prefix, use_ema=args.ema)
+    origin = f"from {args.config}" if args.config else "inferred from the weights"
+    print(f"architecture ({origin}): {result.architecture.describe()}")
+    print(f"read {args.source} with {result.reader}; converted {result.converted} autoencoder tensors"
+          + (f" under the prefix {result.prefix!r}" if result.prefix else ""))
+    if result.ignored:
+        print(f"ignored {sum(result.ignored.values())} tensors that are not the autoencoder: "
+              + ", ".join(f"{name} {count}" for name, count in result.ignored.items()))
+    if result.ema != "none":
+        print("converted the EMA weights (model_ema)" if result.ema == "converted" else
+              "the checkpoint also holds EMA weights (model_ema): --ema converts those instead")
+    if result.skipped_objects:
+        print("replaced these non-tensor objects by inert placeholders (none was built, no code of the file ran): "
+              + ", ".join(sorted(result.skipped_objects)))
+    print(f"saved {result.folder}" + (f" and {result.single_file}" if result.single_file else ""))
+    print(f"its normalisation is neutral (scale 1, shift 0): measure it with "
+          f"`latent-vae calibrate --model {result.folder} --data IMAGES`")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -466,6 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "parquet shards; killed, the same command resumes; see README 'Latent datasets'.")
     add_precompute_arguments(p)
     p.set_defaults(func=run_precompute)
+
+    p = commands.add_parser("convert", help="an original latent-diffusion (LDM) autoencoder checkpoint -> diffusers folder",
+                            description="Convert an LDM-layout KL autoencoder (CompVis kl-f4..f32, VA-VAE) from a "
+                            "Lightning .ckpt, a .pt/.pth state dict or a .safetensors file into a diffusers model "
+                            "folder. Pickles are read without running any code from them.")
+    p.add_argument("source", metavar="SRC", help="the checkpoint (.ckpt, .pt, .pth or .safetensors)")
+    p.add_argument("--out", required=True, help="the diffusers model folder to write")
+    p.add_argument("--config", help="LDM's yaml (model.params.ddconfig + embed_dim); default: inferred from the weights")
+    p.add_argument("--single-file", metavar="PATH", help="also write one .safetensors file with the config inside")
+    p.add_argument("--prefix", help="the autoencoder's key prefix, e.g. first_stage_model. (default: found)")
+    p.add_argument("--ema", action="store_true", help="convert the EMA weights (LDM's model_ema) instead of the raw ones")
+    p.set_defaults(func=run_convert)
     return parser
 
 

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from latent_vae.presets import PRESETS
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -18,6 +20,9 @@ class TrainConfig:
 
     # -- model and data
     model: str = "f16c16"  # a preset name (fresh weights) or a diffusers folder / .safetensors to fine-tune
+    # Train the decoder (and post_quant_conv) only: the encoder, quant_conv and the saved normalisation stay
+    # bit-identical, so latents already precomputed and diffusion models trained on them stay valid.
+    freeze_encoder: bool = False
     data: str = ""  # image folder (recursive), save_to_disk folder, .parquet or .arrow file (or a folder of them)
     image_column: str = "image"  # for datasets
     split: str = ""  # for a saved DatasetDict: which split (empty: train, or the only one)
@@ -94,6 +99,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
+        if self.freeze_encoder and self.model in PRESETS:
+            raise ValueError(f"freeze_encoder keeps the encoder as it is, but {self.model!r} is a preset (fresh, random "
+                             "weights): give --model a trained or converted model folder")
 
 
 def _field_types() -> dict[str, type]:
@@ -154,7 +162,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--config", default=None, help="JSON file, or a name in training/configs/")
     for name, kind in _field_types().items():
         # Parsed as strings and coerced by `merge`, so that file and command line share one set of rules.
-        parser.add_argument(f"--{name}", default=None, metavar=_type_name(kind))
+        # A bare boolean flag (`--freeze_encoder`) means true.
+        flag = {"nargs": "?", "const": "true"} if kind is bool else {}
+        parser.add_argument(f"--{name}", default=None, metavar=_type_name(kind), **flag)
     args = vars(parser.parse_args(argv))
     path = args.pop("config")
     return load_config(path, {k: v for k, v in args.items() if v is not None})

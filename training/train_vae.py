@@ -35,6 +35,7 @@ from latent_vae.presets import downsampling_factor
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, to_dict
 from .data import CropDataset, ImageSource, train_loader, validation_crops
+from .frozen_encoder import check_frozen_encoder, freeze_encoder
 from .losses import (
     AutoencoderWithLoss,
     LossWeights,
@@ -117,13 +118,16 @@ def validate(vae, ema: EMAModel | None, crops: torch.Tensor, accelerator: Accele
     return metrics
 
 
-def export_model(vae, ema: EMAModel | None, crops: list[torch.Tensor], out: Path, device, batch_size: int) -> Path:
-    """A diffusers folder with the EMA weights and the latent normalisation measured on `crops`."""
+def export_model(vae, ema: EMAModel | None, crops: list[torch.Tensor], out: Path, device, batch_size: int,
+                 recalibrate: bool = True) -> Path:
+    """A diffusers folder with the EMA weights and the latent normalisation measured on `crops` (with
+    `recalibrate=False`: the normalisation the model came with)."""
     final = copy.deepcopy(vae).float().eval()
     if ema is not None:
         ema.copy_to(final.parameters())
     codec = LatentCodec(final, device=device, tile_size=None, max_batch_size=batch_size)
-    calibrate(codec, crops)
+    if recalibrate:
+        calibrate(codec, crops)
     with atomic_directory(out) as tmp:
         save_vae(codec.vae.to("cpu"), tmp)
     return out
@@ -163,9 +167,10 @@ def main(config: TrainConfig) -> Path:
                              f"got {getattr(config, name)}")
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
+    encoder_before = freeze_encoder(vae) if config.freeze_encoder else None
     model = AutoencoderWithLoss(vae, loss_weights(config), lpips)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
     # Not prepared by Accelerate, which would step it once per process per step; stepped once per optimiser step.
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=config.max_steps)
@@ -335,10 +340,15 @@ def main(config: TrainConfig) -> Path:
         accelerator.log(metrics, step=step)
         print(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}")
         crops = calibration_crops(CropDataset(source, **dataset_kwargs), config.calibration_images)
-        export_model(vae, ema, crops, out, accelerator.device, config.batch_size)
+        export_model(vae, ema, crops, out, accelerator.device, config.batch_size, recalibrate=not config.freeze_encoder)
+        if encoder_before is not None:
+            record = check_frozen_encoder(config.model, out, encoder_before, out_dir)
+            print(f"encoder unchanged (sha256 {record['encoder_sha256_after'][:16]}), normalisation kept: latents made "
+                  f"by {config.model} (fingerprint {record['source_fingerprint']}) decode with this decoder")
         if state["images_skipped"]:
             print(f"skipped {state['images_skipped']} unreadable image reads on the main process")
-        print(f"saved {out} (EMA weights, calibrated normalisation)")
+        normalization = "the source's normalisation" if config.freeze_encoder else "calibrated normalisation"
+        print(f"saved {out} (EMA weights, {normalization})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
