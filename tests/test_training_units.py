@@ -197,8 +197,16 @@ def test_hinge_loss_and_adaptive_weight():
     assert hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1
     w = torch.randn(8, requires_grad=True)
     nll, g = (3 * w).sum(), (w * 0.5).sum()
-    expected = (3 * 8**0.5) / (0.5 * 8**0.5 + 1e-4)
-    assert adaptive_weight(nll, g, w, 1e4).item() == pytest.approx(expected, rel=1e-5)
-    assert adaptive_weight(nll, g * 1e-9, w, 100.0).item() == 100.0  # clamped
+    # LDM's units: the ratio of the nll summed over 10 pixel values (10x ours), its 1e-4, then / 10 for our mean loss.
+    expected = (10 * 3 * 8**0.5) / (0.5 * 8**0.5 + 1e-4) / 10
+    assert adaptive_weight(nll, g, w, pixel_values=10).item() == pytest.approx(expected, rel=1e-5)
+    assert adaptive_weight(nll, g * 1e-9, w, pixel_values=10, max_weight=100.0).item() == pytest.approx(10.0)  # clamped
+    # fp16's loss scale changes nothing (gradients are unscaled before the norms and the 1e-4) ...
+    small = (w * 1e-5).sum()  # a gradient norm near the 1e-4, where scaling before the norm would show
+    assert adaptive_weight(nll, small, w, pixel_values=10, grad_scale=2.0**16).item() == pytest.approx(
+        adaptive_weight(nll, small, w, pixel_values=10).item(), rel=1e-5)
+    # ... and an overflowed gradient is NaN (an overflow for the caller), not the clamp or 0
+    for a, b in ((nll * float("inf"), g), (nll, g * float("inf"))):
+        assert adaptive_weight(a, b, w, pixel_values=10).isnan()
     logits = PatchDiscriminator(layers=2, channels=8)(torch.zeros(2, 3, 32, 32))
     assert logits.shape[0] == 2 and logits.shape[1] == 1 and logits.ndim == 4
