@@ -13,7 +13,15 @@ from safetensors.torch import save_file
 
 from latent_vae import build_vae
 from training.config import CONFIG_DIR, TrainConfig, load_config, merge, parse_args
-from training.data import CropDataset, ImageSource, ShardedSampler, train_loader, validation_crops
+from training.data import (
+    CropDataset,
+    ImageSource,
+    ShardedSampler,
+    hold_out,
+    ldm_crop,
+    train_loader,
+    validation_crops,
+)
 from training.losses import (
     AutoencoderWithLoss,
     LossWeights,
@@ -92,6 +100,52 @@ def test_a_crop_is_a_function_of_its_position_only(tmp_path):
     a, b = CropDataset(source, 24, seed=3, min_scale=0.5), CropDataset(source, 24, seed=3, min_scale=0.5)
     assert torch.equal(a[(2, 1)][0], b[(2, 1)][0])
     assert not torch.equal(a[(2, 1)][0], a[(3, 1)][0])  # another epoch, another crop
+
+
+def test_ldm_crops_take_half_to_all_of_the_short_side_area_resized(tmp_path):
+    # A horizontal ramp (value = x / 2): the value span across a crop tells the side of the square it came from.
+    ramp = np.tile((np.arange(512) / 2).astype(np.uint8)[None, :, None], (256, 1, 3))
+    image = Image.fromarray(ramp)
+    sides = []
+    for seed in range(40):
+        crop = ldm_crop(image, 32, np.random.default_rng(seed), crop_min=0.5, flip=False)
+        values = (crop[0, 0] + 1) * 127.5  # first row, in 0..255
+        sides.append(float(values[-1] - values[0]) * 2 * 32 / 31)  # columns 0 and 31 are box means 1/32 apart
+    assert 0.5 * 256 - 4 <= min(sides) < 0.6 * 256 and 0.9 * 256 < max(sides) <= 256 + 4  # fractions of 256, not 32
+    # Area resampling: a 1-pixel checkerboard halved is flat grey, not a sampled pattern.
+    board = Image.fromarray(((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
+    assert ldm_crop(board, 32, np.random.default_rng(0), crop_min=1.0, flip=False).abs().max() < 0.01
+    # An image smaller than the crop is enlarged to it.
+    assert ldm_crop(Image.fromarray(ramp[:20, :30]), 32, np.random.default_rng(0), 0.5, True).shape == (3, 32, 32)
+
+
+def test_ldm_crops_are_a_function_of_their_position_only(tmp_path):
+    source = ImageSource(write_images(tmp_path / "imgs", corrupt=0))
+    a, b = (CropDataset(source, 24, seed=3, crop_policy="ldm", crop_min=0.5) for _ in range(2))
+    assert torch.equal(a[(2, 1)][0], b[(2, 1)][0])
+    assert not torch.equal(a[(2, 1)][0], a[(3, 1)][0])
+    native = CropDataset(source, 24, seed=3)  # the native policy (pre-resized data) stays available
+    assert not torch.equal(a[(2, 1)][0], native[(2, 1)][0])
+    with pytest.raises(ValueError, match="crop_policy"):
+        CropDataset(source, 24, seed=3, crop_policy="centre")
+
+
+def test_held_out_validation_images_are_a_fixed_choice_never_in_the_training_set(tmp_path):
+    source = ImageSource(write_images(tmp_path / "imgs", count=10, corrupt=0))
+    train, held = hold_out(source, 3)
+    train_names = {train.describe(i) for i in range(len(train))}
+    held_names = {held.describe(i) for i in range(len(held))}
+    assert len(held_names) == 3 and not train_names & held_names
+    assert train_names | held_names == {source.describe(i) for i in range(len(source))}
+    again = hold_out(ImageSource(tmp_path / "imgs"), 3)[1]
+    assert [again.describe(i) for i in range(3)] == [held.describe(i) for i in range(3)]  # the same every run
+    assert np.asarray(held.load(0)).shape[2] == 3  # loads through the source
+    # every training sample of two epochs comes from the training images
+    sampler = ShardedSampler(len(train), rank=0, world_size=1, seed=5)
+    stream = iter(sampler)
+    assert {train.describe(next(stream)[1]) for _ in range(2 * len(train))} == train_names
+    with pytest.raises(ValueError, match="validation_holdout 10 leaves no training image"):
+        hold_out(source, 10)
 
 
 def test_ranks_get_disjoint_shards_and_a_resumed_stream_continues_exactly():
