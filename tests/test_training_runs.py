@@ -147,13 +147,15 @@ def test_gradient_accumulation_matches_the_larger_batch(images, tmp_path):
 
 def test_gan_with_gradient_accumulation_matches_the_larger_batch(images, tmp_path):
     """GAN on from the first step, its adaptive weight at the clamp (so it does not depend on the batch): 2 x 2
-    accumulated images give the generator and the discriminator the same steps as one batch of 4. (Unclamped, the
+    accumulated images (with gradient checkpointing, which the adaptive weight's autograd.grad must go through) give
+    the generator and the discriminator the same steps as one batch of 4. (Unclamped, the
     weight is LDM's per micro-batch, as in LDM, and the weights differ by about 1e-3 after 2 steps, as much as
     without the GAN.)"""
     common = {"max_steps": 2, "disc_start": 0, "adaptive_weight_max": 100.0, "validate_every": 0,
               "checkpoint_every": 0, "max_grad_norm": 0.0}
     main(tiny(images, tmp_path / "big", batch_size=4, **common))
-    main(tiny(images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, **common))
+    main(tiny(images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
+              **common))
     big, accum = tmp_path / "big" / "checkpoint-0000002", tmp_path / "accum" / "checkpoint-0000002"
     for name in ("vae.safetensors", "discriminator.safetensors", "ema.safetensors"):
         assert_same(weights(big, name), weights(accum, name), atol=1e-4)  # float noise grown by Adam (lr 1e-3): up to 3e-5
