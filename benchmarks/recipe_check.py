@@ -24,7 +24,13 @@ from PIL import Image
 from benchmarks.report import write_results
 from latent_vae import build_vae
 from training.data import ldm_crop
-from training.losses import AutoencoderWithLoss, LossWeights, PatchDiscriminator, adaptive_weight, generator_loss
+from training.losses import (
+    AutoencoderWithLoss,
+    LossWeights,
+    PatchDiscriminator,
+    adaptive_weight,
+    generator_loss,
+)
 from training.lpips import DEFAULT_WEIGHTS, LPIPS
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
