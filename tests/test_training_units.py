@@ -77,6 +77,10 @@ def test_unknown_or_mistyped_options_name_the_option(tmp_path):
         parse_args(["--bogus", "1"])
     with pytest.raises(SystemExit):  # no prefix matching: --batch is not --batch_size
         parse_args(["--batch", "1"])
+    for bad, message in (({"crop_policy": "centre"}, "crop_policy must be ldm or native"),
+                         ({"crop_min": 0.0}, "crop_min must be in"), ({"validation_holdout": -1}, "validation_holdout")):
+        with pytest.raises(ValueError, match=message):
+            merge(TrainConfig(data="x"), bad).validate()
 
 
 # -- data -------------------------------------------------------------------------------------------
