@@ -78,8 +78,8 @@ def measure(row: Row, accelerator: Accelerator, batch: int, steps: int, warmup: 
                 disc.requires_grad_(False)
                 g_loss = generator_loss(disc(out["reconstruction"]))
                 scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-                loss = loss + 0.5 * adaptive_weight(out["nll"] * scale, g_loss * scale, vae.decoder.conv_out.weight,
-                                                    1e4) * g_loss
+                loss = loss + 0.5 * adaptive_weight(out["nll"], g_loss, vae.decoder.conv_out.weight,
+                                                    pixel_values=pixels[0].numel(), grad_scale=scale) * g_loss
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -13,7 +13,15 @@ from safetensors.torch import save_file
 
 from latent_vae import build_vae
 from training.config import CONFIG_DIR, TrainConfig, load_config, merge, parse_args
-from training.data import CropDataset, ImageSource, ShardedSampler, train_loader, validation_crops
+from training.data import (
+    CropDataset,
+    ImageSource,
+    ShardedSampler,
+    hold_out,
+    ldm_crop,
+    train_loader,
+    validation_crops,
+)
 from training.losses import (
     AutoencoderWithLoss,
     LossWeights,
@@ -69,6 +77,10 @@ def test_unknown_or_mistyped_options_name_the_option(tmp_path):
         parse_args(["--bogus", "1"])
     with pytest.raises(SystemExit):  # no prefix matching: --batch is not --batch_size
         parse_args(["--batch", "1"])
+    for bad, message in (({"crop_policy": "centre"}, "crop_policy must be ldm or native"),
+                         ({"crop_min": 0.0}, "crop_min must be in"), ({"validation_holdout": -1}, "validation_holdout")):
+        with pytest.raises(ValueError, match=message):
+            merge(TrainConfig(data="x"), bad).validate()
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -92,6 +104,52 @@ def test_a_crop_is_a_function_of_its_position_only(tmp_path):
     a, b = CropDataset(source, 24, seed=3, min_scale=0.5), CropDataset(source, 24, seed=3, min_scale=0.5)
     assert torch.equal(a[(2, 1)][0], b[(2, 1)][0])
     assert not torch.equal(a[(2, 1)][0], a[(3, 1)][0])  # another epoch, another crop
+
+
+def test_ldm_crops_take_half_to_all_of_the_short_side_area_resized(tmp_path):
+    # A horizontal ramp (value = x / 2): the value span across a crop tells the side of the square it came from.
+    ramp = np.tile((np.arange(512) / 2).astype(np.uint8)[None, :, None], (256, 1, 3))
+    image = Image.fromarray(ramp)
+    sides = []
+    for seed in range(40):
+        crop = ldm_crop(image, 32, np.random.default_rng(seed), crop_min=0.5, flip=False)
+        values = (crop[0, 0] + 1) * 127.5  # first row, in 0..255
+        sides.append(float(values[-1] - values[0]) * 2 * 32 / 31)  # columns 0 and 31 are box means 1/32 apart
+    assert 0.5 * 256 - 4 <= min(sides) < 0.6 * 256 and 0.9 * 256 < max(sides) <= 256 + 4  # fractions of 256, not 32
+    # Area resampling: a 1-pixel checkerboard halved is flat grey, not a sampled pattern.
+    board = Image.fromarray(((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
+    assert ldm_crop(board, 32, np.random.default_rng(0), crop_min=1.0, flip=False).abs().max() < 0.01
+    # An image smaller than the crop is enlarged to it.
+    assert ldm_crop(Image.fromarray(ramp[:20, :30]), 32, np.random.default_rng(0), 0.5, True).shape == (3, 32, 32)
+
+
+def test_ldm_crops_are_a_function_of_their_position_only(tmp_path):
+    source = ImageSource(write_images(tmp_path / "imgs", corrupt=0))
+    a, b = (CropDataset(source, 24, seed=3, crop_policy="ldm", crop_min=0.5) for _ in range(2))
+    assert torch.equal(a[(2, 1)][0], b[(2, 1)][0])
+    assert not torch.equal(a[(2, 1)][0], a[(3, 1)][0])
+    native = CropDataset(source, 24, seed=3)  # the native policy (pre-resized data) stays available
+    assert not torch.equal(a[(2, 1)][0], native[(2, 1)][0])
+    with pytest.raises(ValueError, match="crop_policy"):
+        CropDataset(source, 24, seed=3, crop_policy="centre")
+
+
+def test_held_out_validation_images_are_a_fixed_choice_never_in_the_training_set(tmp_path):
+    source = ImageSource(write_images(tmp_path / "imgs", count=10, corrupt=0))
+    train, held = hold_out(source, 3)
+    train_names = {train.describe(i) for i in range(len(train))}
+    held_names = {held.describe(i) for i in range(len(held))}
+    assert len(held_names) == 3 and not train_names & held_names
+    assert train_names | held_names == {source.describe(i) for i in range(len(source))}
+    again = hold_out(ImageSource(tmp_path / "imgs"), 3)[1]
+    assert [again.describe(i) for i in range(3)] == [held.describe(i) for i in range(3)]  # the same every run
+    assert np.asarray(held.load(0)).shape[2] == 3  # loads through the source
+    # every training sample of two epochs comes from the training images
+    sampler = ShardedSampler(len(train), rank=0, world_size=1, seed=5)
+    stream = iter(sampler)
+    assert {train.describe(next(stream)[1]) for _ in range(2 * len(train))} == train_names
+    with pytest.raises(ValueError, match="validation_holdout 10 leaves no training image"):
+        hold_out(source, 10)
 
 
 def test_ranks_get_disjoint_shards_and_a_resumed_stream_continues_exactly():
@@ -197,8 +255,16 @@ def test_hinge_loss_and_adaptive_weight():
     assert hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1
     w = torch.randn(8, requires_grad=True)
     nll, g = (3 * w).sum(), (w * 0.5).sum()
-    expected = (3 * 8**0.5) / (0.5 * 8**0.5 + 1e-4)
-    assert adaptive_weight(nll, g, w, 1e4).item() == pytest.approx(expected, rel=1e-5)
-    assert adaptive_weight(nll, g * 1e-9, w, 100.0).item() == 100.0  # clamped
+    # LDM's units: the ratio of the nll summed over 10 pixel values (10x ours), its 1e-4, then / 10 for our mean loss.
+    expected = (10 * 3 * 8**0.5) / (0.5 * 8**0.5 + 1e-4) / 10
+    assert adaptive_weight(nll, g, w, pixel_values=10).item() == pytest.approx(expected, rel=1e-5)
+    assert adaptive_weight(nll, g * 1e-9, w, pixel_values=10, max_weight=100.0).item() == pytest.approx(10.0)  # clamped
+    # fp16's loss scale changes nothing (gradients are unscaled before the norms and the 1e-4) ...
+    small = (w * 1e-5).sum()  # a gradient norm near the 1e-4, where scaling before the norm would show
+    assert adaptive_weight(nll, small, w, pixel_values=10, grad_scale=2.0**16).item() == pytest.approx(
+        adaptive_weight(nll, small, w, pixel_values=10).item(), rel=1e-5)
+    # ... and an overflowed gradient is NaN (an overflow for the caller), not the clamp or 0
+    for a, b in ((nll * float("inf"), g), (nll, g * float("inf"))):
+        assert adaptive_weight(a, b, w, pixel_values=10).isnan()
     logits = PatchDiscriminator(layers=2, channels=8)(torch.zeros(2, 3, 32, 32))
     assert logits.shape[0] == 2 and logits.shape[1] == 1 and logits.ndim == 4

@@ -16,7 +16,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run. Defaults are the LDM kl-f16 recipe where LDM has one (see DESIGN.md)."""
+    """Every knob of a run. Defaults are the LDM kl-f16 recipe where LDM has one (README: the f16c16 recipe)."""
 
     # -- model and data
     model: str = "f16c16"  # a preset name (fresh weights) or a diffusers folder / .safetensors to fine-tune
@@ -27,11 +27,20 @@ class TrainConfig:
     image_column: str = "image"  # for datasets
     split: str = ""  # for a saved DatasetDict: which split (empty: train, or the only one)
     resolution: int = 256  # training crop side; the network is fully convolutional, so 1024 models train on crops
-    min_scale: float = 1.0  # images are first resized by a random factor in [min_scale, 1] (never below the crop)
+    # "ldm": LDM's autoencoder crops: a random square of a fraction in [crop_min, 1] of the short side, area-resized
+    # (PIL's box filter, as LDM's cv2 INTER_AREA) to `resolution`. "native": a resolution-sized patch at the image's
+    # own scale after a random rescale in [min_scale, 1]: for data already resized to about the training size.
+    crop_policy: Literal["ldm", "native"] = "ldm"
+    crop_min: float = 0.5  # "ldm": smallest crop side, as a fraction of the short side (LDM's min_crop_f)
+    min_scale: float = 1.0  # "native": images are first resized by a random factor in [min_scale, 1] (never below the crop)
     random_flip: bool = True
     num_workers: int = 2
-    validation_data: str = ""  # image folder; empty: centre crops of the first training images
-    num_validation_images: int = 4
+    validation_data: str = ""  # image folder or dataset; empty: images held out of --data (validation_holdout)
+    # Without validation_data: this many images of --data, a fixed choice (the same for every seed), are never
+    # trained on and are the validation set (listed in the log and in each checkpoint's trainer_state.json).
+    # 0: no hold-out; validation then scores the first training images, which measures fit, not generalisation.
+    validation_holdout: int = 4
+    num_validation_images: int = 4  # validated (and drawn) images, at most the held-out ones
     validation_resolution: int = 256
     validate_every: int = 500  # steps; 0 disables (a last validation still runs at the end)
     calibration_images: int = 64  # crops measured for the saved latent normalisation
@@ -74,7 +83,10 @@ class TrainConfig:
     disc_learning_rate: float = 1e-4
     disc_layers: int = 3
     disc_channels: int = 64
-    adaptive_weight_max: float = 1e4  # LDM's clamp of the gradient-norm ratio
+    # LDM's clamp of the adaptive weight, in LDM's units: the gradient-norm ratio is computed for the reconstruction
+    # loss summed over each image's pixel values, as LDM's, and divided by that count for our mean-reduced losses
+    # (training/losses.py: adaptive_weight), so the GAN term has LDM's strength at any resolution and batch.
+    adaptive_weight_max: float = 1e4
 
     # -- output
     output_dir: str = "runs/vae"
@@ -102,6 +114,12 @@ class TrainConfig:
         if self.freeze_encoder and self.model in PRESETS:
             raise ValueError(f"freeze_encoder keeps the encoder as it is, but {self.model!r} is a preset (fresh, random "
                              "weights): give --model a trained or converted model folder")
+        if self.crop_policy not in ("ldm", "native"):
+            raise ValueError(f"crop_policy must be ldm or native, got {self.crop_policy!r}")
+        if not 0 < self.crop_min <= 1:
+            raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
+        if self.validation_holdout < 0:
+            raise ValueError(f"validation_holdout must be 0 or more, got {self.validation_holdout}")
 
 
 def _field_types() -> dict[str, type]:

@@ -97,6 +97,25 @@ def random_crop(image: Image.Image, size: int, rng: np.random.Generator, min_sca
     return pil_to_tensor(image)
 
 
+def ldm_crop(image: Image.Image, size: int, rng: np.random.Generator, crop_min: float, flip: bool) -> torch.Tensor:
+    """RGB PIL -> float 3 x size x size in [-1, 1], as LDM's autoencoders crop: a square of side
+    int(short side * uniform(crop_min, 1)) at a random place, area-resized to size, then a random flip."""
+    side = max(1, int(min(image.size) * rng.uniform(crop_min, 1.0)))
+    left = int(rng.integers(0, image.width - side + 1))
+    top = int(rng.integers(0, image.height - side + 1))
+    image = resize_square(image, left, top, side, size)
+    if flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return pil_to_tensor(image)
+
+
+def resize_square(image: Image.Image, left: int, top: int, side: int, size: int) -> Image.Image:
+    """The side x side square at (left, top), resized to size x size: by area (PIL's box filter, as cv2's INTER_AREA
+    in LDM) when it shrinks, bicubic when the image is too small and it grows."""
+    resample = Image.Resampling.BOX if side >= size else Image.Resampling.BICUBIC
+    return image.resize((size, size), resample, box=(left, top, left + side, top + side))
+
+
 def center_crop(image: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL -> float 3 x size x size in [-1, 1]: the centre, at native resolution unless the image is smaller."""
     short = min(image.size)
@@ -108,10 +127,20 @@ def center_crop(image: Image.Image, size: int) -> torch.Tensor:
 
 
 class CropDataset(Dataset):
-    """(epoch, index) -> (crop, number of unreadable images skipped to get it)."""
+    """(epoch, index) -> (crop, number of unreadable images skipped to get it); `crop_policy` "ldm" (`ldm_crop`)
+    or "native" (`random_crop`)."""
 
-    def __init__(self, source: ImageSource, resolution: int, *, seed: int, min_scale: float = 1.0, flip: bool = True):
+    def __init__(self, source: ImageSource, resolution: int, *, seed: int, min_scale: float = 1.0, flip: bool = True,
+                 crop_policy: str = "native", crop_min: float = 0.5):
+        if crop_policy not in ("ldm", "native"):
+            raise ValueError(f"crop_policy must be ldm or native, got {crop_policy!r}")
         self.source, self.resolution, self.seed, self.min_scale, self.flip = source, resolution, seed, min_scale, flip
+        self.crop_policy, self.crop_min = crop_policy, crop_min
+
+    def crop(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        if self.crop_policy == "ldm":
+            return ldm_crop(image, self.resolution, rng, self.crop_min, self.flip)
+        return random_crop(image, self.resolution, rng, self.min_scale, self.flip)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -122,7 +151,7 @@ class CropDataset(Dataset):
         for skipped in range(MAX_BAD_IN_A_ROW):
             try:
                 image = self.source.load((index + skipped) % len(self.source))
-                return random_crop(image, self.resolution, rng, self.min_scale, self.flip), skipped
+                return self.crop(image, rng), skipped
             except ImageError:
                 continue
         raise ValueError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row from {self.source.describe(index)}: "
@@ -158,25 +187,64 @@ def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
 
 
 def train_loader(source: ImageSource, *, resolution: int, batch_size: int, seed: int, rank: int, world_size: int,
-                 start: int = 0, min_scale: float = 1.0, flip: bool = True, num_workers: int = 2) -> DataLoader:
-    """Batches of (crops, skipped) forever, starting at sample `start` of this rank's stream."""
-    dataset = CropDataset(source, resolution, seed=seed, min_scale=min_scale, flip=flip)
+                 start: int = 0, num_workers: int = 2, **crop_options) -> DataLoader:
+    """Batches of (crops, skipped) forever, starting at sample `start` of this rank's stream; `crop_options` go to
+    `CropDataset` (min_scale, flip, crop_policy, crop_min)."""
+    dataset = CropDataset(source, resolution, seed=seed, **crop_options)
     sampler = ShardedSampler(len(source), rank=rank, world_size=world_size, seed=seed, start=start)
     # Its own generator: creating the iterator must not draw from the global RNG, whose state checkpoints restore.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       drop_last=True, generator=torch.Generator().manual_seed(seed))
 
 
-def validation_crops(source: ImageSource, count: int, resolution: int) -> torch.Tensor:
-    """The first `count` readable images, centre-cropped: a fixed set to watch across a run."""
+class SourceSubset:
+    """Some images of a source, indexed 0..n-1 in their order there: the same interface as `ImageSource`."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray) -> None:
+        self.source, self.indices, self.name = source, indices, source.name
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(int(self.indices[index]))
+
+    def load(self, index: int) -> Image.Image:
+        return self.source.load(int(self.indices[index]))
+
+
+# The held-out images depend on the data only, not on --seed: runs with other seeds score the same images.
+HOLDOUT_SEED = 20_240_601
+
+
+def hold_out(source: ImageSource, count: int) -> tuple[SourceSubset, SourceSubset]:
+    """(training images, `count` held-out validation images): a fixed, seeded choice; no image is in both."""
+    if count >= len(source):
+        raise ValueError(f"validation_holdout {count} leaves no training image of the {len(source)} in {source.name}: "
+                         "lower it or give --validation_data")
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(source))
+    held = np.sort(order[:count])
+    return SourceSubset(source, np.setdiff1d(np.arange(len(source)), held)), SourceSubset(source, held)
+
+
+def validation_crops(source: ImageSource, count: int, resolution: int, crop_policy: str = "native") -> torch.Tensor:
+    """The first `count` readable images as a fixed set to watch across a run, cropped as training sees them:
+    "native": the centre at native resolution; "ldm": the whole centre square, area-resized (LDM's crop at its
+    largest fraction)."""
     crops = []
     for index in range(len(source)):
         if len(crops) == count:
             break
         try:
-            crops.append(center_crop(source.load(index), resolution))
+            image = source.load(index)
         except ImageError:
             continue
+        if crop_policy == "ldm":
+            side = min(image.size)
+            crops.append(pil_to_tensor(resize_square(image, (image.width - side) // 2, (image.height - side) // 2,
+                                                     side, resolution)))
+        else:
+            crops.append(center_crop(image, resolution))
     if not crops:
         raise ValueError(f"{source.name}: no readable validation image")
     return torch.stack(crops)

@@ -142,9 +142,42 @@ def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.float().mean()
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float) -> torch.Tensor:
-    """LDM's balance of the GAN term: |grad nll| / |grad g_loss| at the decoder's last layer, clamped, no grad."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, *, pixel_values: int,
+                    max_weight: float = 1e4, grad_scale: float = 1.0) -> torch.Tensor:
+    """LDM's balance of the GAN term, in LDM's units, for our per-pixel-value mean losses; no grad.
+
+    LDM sums its reconstruction loss over each image's `pixel_values` (3*H*W) and weighs the GAN term by
+    w = clamp(|grad nll_sum| / (|grad g_loss| + 1e-4), 0, max_weight) at the decoder's last layer. Our nll is that
+    sum divided by `pixel_values`, so |grad nll_sum| = pixel_values * |grad nll|: the ratio, its 1e-4 and its clamp
+    are LDM's exactly. Our whole loss is LDM's divided by `pixel_values`, so the weight returned is w / pixel_values.
+
+    fp16: the gradients are taken at the loss scale `grad_scale` (as the training backward, so small ones do not
+    underflow) and unscaled in fp32 before the norms. A non-finite gradient (an fp16 overflow) gives NaN, which
+    the caller treats as an overflow; the clamp would otherwise turn an inf ratio into max_weight.
+    """
+    nll_grad = torch.autograd.grad(nll * grad_scale, last_layer, retain_graph=True)[0].float() / grad_scale
+    g_grad = torch.autograd.grad(g_loss * grad_scale, last_layer, retain_graph=True)[0].float() / grad_scale
+    nll_norm, g_norm = nll_grad.norm() * pixel_values, g_grad.norm()
+    weight = (nll_norm / (g_norm + 1e-4)).clamp(0.0, max_weight) / pixel_values
+    finite = torch.isfinite(nll_norm) & torch.isfinite(g_norm)  # no host sync: the caller decides once per step
+    return torch.where(finite, weight, torch.full_like(weight, float("nan"))).detach()
+
+
+def generator_objective(out: dict[str, torch.Tensor], kl_weight: float, *, fake_logits: torch.Tensor | None = None,
+                        last_layer: torch.Tensor | None = None, disc_weight: float = 0.5, max_weight: float = 1e4,
+                        grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The VAE's loss: {"vae_loss": nll + kl_weight * kl} and, given the discriminator's `fake_logits` (the GAN
+    is on), {"g_loss", "d_weight", "gan_loss": d_weight * g_loss}; the total is vae_loss + gan_loss.
+
+    Every term is LDM's `LPIPSWithDiscriminator` generator loss divided by the pixel values of one image (its
+    reconstruction and LPIPS terms summed over pixel values, its KL summed over the latent, each divided by the
+    batch); `d_weight` already includes `disc_weight` (LDM's discriminator_weight) and that division.
+    """
+    terms = {"vae_loss": out["nll"] + kl_weight * out["kl"]}
+    if fake_logits is not None:
+        g_loss = generator_loss(fake_logits)
+        pixel_values = out["reconstruction"][0].numel()
+        d_weight = disc_weight * adaptive_weight(out["nll"], g_loss, last_layer, pixel_values=pixel_values,
+                                                 max_weight=max_weight, grad_scale=grad_scale)
+        terms.update(g_loss=g_loss, d_weight=d_weight, gan_loss=d_weight * g_loss)
+    return terms

@@ -34,14 +34,13 @@ from latent_vae.presets import downsampling_factor
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, to_dict
-from .data import CropDataset, ImageSource, train_loader, validation_crops
+from .data import CropDataset, ImageSource, hold_out, train_loader, validation_crops
 from .frozen_encoder import check_frozen_encoder, freeze_encoder
 from .losses import (
     AutoencoderWithLoss,
     LossWeights,
     PatchDiscriminator,
-    adaptive_weight,
-    generator_loss,
+    generator_objective,
     hinge_d_loss,
 )
 from .lpips import LPIPS, LPIPSWeightsMissing
@@ -85,6 +84,27 @@ def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
     if accelerator.num_processes > 1:
         finite = accelerator.gather(finite)
     return bool(finite.min() > 0)
+
+
+def optimizer_step(accelerator: Accelerator, optimizer, parameters, max_grad_norm: float) -> torch.Tensor | None:
+    """Unscale (fp16), clip and step one optimiser once gradients are synced; returns the gradient norm.
+
+    With fp16 the scaler steps the inner optimiser and skips it when a gradient is not finite (the norm says so);
+    its `update()` is left to the caller, once per iteration. Accelerate's own `step()` updates the scaler for
+    each optimiser, which would halve its growth interval with two optimisers.
+    """
+    if not accelerator.sync_gradients:
+        return None
+    scaler = accelerator.scaler
+    if scaler is None:
+        norm = accelerator.clip_grad_norm_(parameters, max_grad_norm) if max_grad_norm > 0 else None
+        optimizer.step()
+        return norm
+    scaler.unscale_(optimizer.optimizer)
+    # With max_grad_norm 0 the norm is still computed (inf leaves gradients as they are): it tells an overflow.
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    scaler.step(optimizer.optimizer)
+    return norm
 
 
 def calibration_crops(dataset: CropDataset, count: int) -> list[torch.Tensor]:
@@ -151,10 +171,24 @@ def main(config: TrainConfig) -> Path:
         torch.backends.cudnn.allow_tf32 = True
 
     source = ImageSource(config.data, config.image_column, config.split)
-    val_source = ImageSource(config.validation_data, config.image_column) if config.validation_data else source
-    for line in source.unreadable + (val_source.unreadable if val_source is not source else []):
+    for line in source.unreadable:
         accelerator.print(f"skipped folder {line}", file=sys.stderr)
-    val_crops = validation_crops(val_source, config.num_validation_images, config.validation_resolution)
+    held_out: list[str] = []
+    if config.validation_data:
+        val_source = ImageSource(config.validation_data, config.image_column)
+        for line in val_source.unreadable:
+            accelerator.print(f"skipped folder {line}", file=sys.stderr)
+    elif config.validation_holdout > 0:
+        source, val_source = hold_out(source, config.validation_holdout)  # the run never trains on these
+        held_out = [val_source.describe(i) for i in range(len(val_source))]
+        accelerator.print(f"validation: {len(held_out)} images of {config.data} held out, never trained on: "
+                          f"{', '.join(held_out[:8])}{', ...' if len(held_out) > 8 else ''}")
+    else:
+        val_source = source
+        accelerator.print("validation: the first training images (validation_holdout 0): val PSNR measures fit, "
+                          "not generalisation")
+    val_crops = validation_crops(val_source, config.num_validation_images, config.validation_resolution,
+                                 config.crop_policy)
 
     lpips = None
     if config.lpips_weight > 0:
@@ -195,11 +229,12 @@ def main(config: TrainConfig) -> Path:
                        power=config.ema_power, min_decay=0.0)
 
     optimizers = {"optimizer": optimizer, **({"disc_optimizer": disc_optimizer} if disc_optimizer else {})}
-    state = {"step": 0, "samples_seen": 0, "nonfinite_skipped": 0, "nonfinite_in_a_row": 0, "images_skipped": 0}
+    state = {"step": 0, "samples_seen": 0, "nonfinite_skipped": 0, "nonfinite_in_a_row": 0, "images_skipped": 0,
+             "overflow_skipped": 0}
     checkpoint = find_checkpoint(out_dir, config.resume, report=accelerator.print) if config.resume else None
     if checkpoint is not None:
         loaded = load_checkpoint(checkpoint, rank, vae=vae, discriminator=raw_disc, ema=ema, optimizers=optimizers)
-        state.update({k: loaded[k] for k in state})
+        state.update({k: loaded.get(k, v) for k, v in state.items()})  # (checkpoints older than a counter lack it)
         scheduler.load_state_dict(loaded["scheduler"])
         if accelerator.scaler is not None and loaded.get("scaler"):
             accelerator.scaler.load_state_dict(loaded["scaler"])
@@ -214,7 +249,7 @@ def main(config: TrainConfig) -> Path:
         accelerator.init_trackers("train_vae", config=to_dict(config))
 
     dataset_kwargs = {"resolution": config.resolution, "seed": config.seed, "min_scale": config.min_scale,
-                      "flip": config.random_flip}
+                      "flip": config.random_flip, "crop_policy": config.crop_policy, "crop_min": config.crop_min}
     loader = train_loader(source, batch_size=config.batch_size, rank=rank, world_size=world,
                           start=state["samples_seen"], num_workers=config.num_workers, **dataset_kwargs)
     batches = iter(loader)
@@ -230,7 +265,7 @@ def main(config: TrainConfig) -> Path:
         saved["step"] = step
         trainer_state = {**state, "seed": config.seed, "world_size": world, "scheduler": scheduler.state_dict(),
                          "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                         "config": to_dict(config)}
+                         "validation_held_out": held_out, "config": to_dict(config)}
         save_checkpoint(accelerator, out_dir, step, vae=vae, discriminator=raw_disc, ema=ema, optimizers=optimizers,
                         trainer_state=trainer_state, keep=config.keep_checkpoints)
 
@@ -243,19 +278,26 @@ def main(config: TrainConfig) -> Path:
         state["samples_seen"] += pixels.shape[0]
         state["images_skipped"] += skipped
         gan_on = disc is not None and state["step"] >= config.disc_start
+        scaler = accelerator.scaler  # fp16 only
         with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
             with accelerator.autocast():
                 out = model(pixels)
-                loss = out["nll"] + config.kl_weight * out["kl"]
+                fake_logits = None
                 if gan_on:
                     raw_disc.requires_grad_(False)  # the generator's step leaves no gradient in the discriminator
-                    g_loss = generator_loss(raw_disc(out["reconstruction"]))
-                    # fp16: compare gradients at the loss scale, so that small ones do not underflow to zero.
-                    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-                    d_weight = config.disc_weight * adaptive_weight(out["nll"] * scale, g_loss * scale, last_layer,
-                                                                    config.adaptive_weight_max)
-                    loss = loss + d_weight * g_loss
+                    fake_logits = raw_disc(out["reconstruction"])
+                terms = generator_objective(out, config.kl_weight, fake_logits=fake_logits, last_layer=last_layer,
+                                            disc_weight=config.disc_weight, max_weight=config.adaptive_weight_max,
+                                            grad_scale=scaler.get_scale() if scaler is not None else 1.0)
+            loss = terms["vae_loss"]
+            # A NaN/inf loss is a real fault (counted, fatal when it persists). A non-finite adaptive weight is an
+            # overflow of its fp16 gradients: it makes the gradients NaN below, so that the scaler skips the step and
+            # backs off, as for any overflow. Without a scaler nothing would back off: skip it as a non-finite step.
             stepped = all_finite(accelerator, loss)
+            if gan_on:
+                if scaler is None:
+                    stepped = stepped and all_finite(accelerator, terms["d_weight"])
+                loss = loss + terms["gan_loss"]
             if not stepped:
                 state["nonfinite_skipped"] += 1
                 state["nonfinite_in_a_row"] += 1
@@ -269,9 +311,7 @@ def main(config: TrainConfig) -> Path:
             else:
                 state["nonfinite_in_a_row"] = 0
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)  # unscales fp16 first
-                optimizer.step()
+                grad_norm = optimizer_step(accelerator, optimizer, model.parameters(), config.max_grad_norm)
                 optimizer.zero_grad(set_to_none=True)
                 if gan_on:
                     raw_disc.requires_grad_(True)
@@ -280,11 +320,18 @@ def main(config: TrainConfig) -> Path:
                         logits = disc(torch.cat([pixels, out["reconstruction"].detach()]))
                         d_loss = hinge_d_loss(*logits.chunk(2))
                     accelerator.backward(d_loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(disc.parameters(), config.max_grad_norm)
-                    disc_optimizer.step()
+                    optimizer_step(accelerator, disc_optimizer, disc.parameters(), config.max_grad_norm)
                     disc_optimizer.zero_grad(set_to_none=True)
-                    logs.update({"d_loss": d_loss.item(), "g_loss": g_loss.item(), "d_weight": float(d_weight)})
+                    logs.update({"d_loss": d_loss.item(), "g_loss": terms["g_loss"].item(),
+                                 "d_weight": terms["d_weight"].item()})
+                if accelerator.sync_gradients and scaler is not None:
+                    if not torch.isfinite(grad_norm):  # the scaler skipped the generator's step
+                        state["overflow_skipped"] += 1
+                        stepped = False
+                    scaler.update()  # once per iteration, after both optimisers: one growth interval per step
+                    logs["loss_scale"] = scaler.get_scale()
+                if grad_norm is not None:
+                    logs["grad_norm"] = grad_norm.item()
         if not accelerator.sync_gradients:
             continue
 
@@ -305,7 +352,8 @@ def main(config: TrainConfig) -> Path:
             counts = torch.tensor([state["images_skipped"]], device=accelerator.device)
             images_skipped = int(accelerator.reduce(counts, "sum").item()) if world > 1 else state["images_skipped"]
             logs.update({"lr": scheduler.get_last_lr()[0], "images_per_s": window_steps * images_per_step / elapsed,
-                         "nonfinite_skipped": state["nonfinite_skipped"], "images_skipped": images_skipped})
+                         "nonfinite_skipped": state["nonfinite_skipped"], "images_skipped": images_skipped,
+                         "overflow_skipped": state["overflow_skipped"]})
             accelerator.log(logs, step=step)
             postfix = {"loss": f"{logs['loss']:.4f}", "img_s": f"{logs['images_per_s']:.1f}"}
             if config.max_minutes > 0:
