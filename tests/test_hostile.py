@@ -396,7 +396,9 @@ def train(images: Path, out: Path, **overrides):
     from training.config import load_config
     from training.train_vae import main as train_main
 
-    return train_main(load_config("tiny_test", {"data": str(images), "output_dir": str(out), **overrides}))
+    # No held-out validation images: the bomb must come up in training, not in the validation set.
+    settings = {"data": str(images), "output_dir": str(out), "validation_holdout": 0, **overrides}
+    return train_main(load_config("tiny_test", settings))
 
 
 def train_command(capsys, *argv) -> tuple[int, str]:
@@ -449,7 +451,8 @@ def test_training_bad_starts_are_one_line_and_exit_2(tmp_path, capsys, train_ima
     (broken / "b.png").write_bytes(bomb_png())
     cases = [
         (["--data", tmp_path / "empty"], "no image files found"),
-        (["--data", broken], "no readable validation image"),
+        (["--data", broken], "leaves no training image of the 2"),
+        (["--data", broken, "--validation_holdout", 0], "no readable validation image"),
         (["--data", broken, "--validation_data", train_images], "16 unreadable images in a row"),
         (["--data", train_images, "--resolution", 7], "resolution must be a multiple of the model's downsampling factor 16"),
         (["--data", train_images, "--model", "nope"], "'nope' is neither a preset"),
