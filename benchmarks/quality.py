@@ -8,7 +8,7 @@ PSNR and SSIM always; LPIPS (VGG) when its converted weights exist locally (`pyt
 rFID is not computed: torchmetrics' FID needs Inception weights that are downloaded, and 68 images
 are too few for a meaningful FID anyway.
 
-    python -m benchmarks.quality --model path/to/vae --images ../shared/data/cbsd68
+    python -m benchmarks.quality --model path/to/vae --images $LATENT_VAE_PHOTOS/cbsd68
     python -m benchmarks.quality --model path/to/vae --device cuda --dtype bf16
 """
 
@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import add_device_args, device_and_dtype, result_name
-from benchmarks.report import device_label, save_figure, write_results
+from benchmarks.report import device_label, photo_folder, save_figure, write_results
 from latent_vae import LatentCodec, load_vae
 from latent_vae.images import find_images, load_image, pil_to_tensor
 from latent_vae.metrics import bicubic_equal_values, psnr, ssim
 from latent_vae.residual import untrained_code_model
 
 NAME = "quality"
-DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cbsd68"
 
 
 def load_lpips(device: torch.device):
@@ -105,7 +104,7 @@ def main(args: argparse.Namespace) -> None:
         f"{device_label(device)}, {str(dtype).replace('torch.', '')}. The VAE beats the baseline's PSNR on "
         f"{wins}. LPIPS: {lpips_note}. "
         "rFID: not computed (needs downloaded Inception weights; 68 images are too few for FID). "
-        "Reference points (DESIGN.md): LDM kl-f16 on ImageNet val PSNR 24.08, SSIM 0.68."
+        "Reference points: LDM kl-f16 on ImageNet val PSNR 24.08, SSIM 0.68."
     )
     write_results(result_name(NAME, device), rows, notes=notes, extra={"args": {k: str(v) for k, v in vars(args).items()},
                                                   "per_image": {m: results[m] for m in results},
@@ -144,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_device_args(parser)
     parser.add_argument("--model", default="f16c16-narrow",
                         help="a trained model folder or .safetensors (a preset name gives untrained weights)")
-    parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="image folder (default ../shared/data/cbsd68)")
+    parser.add_argument("--images", default=str(photo_folder() / "cbsd68"), help="image folder (default: $LATENT_VAE_PHOTOS/cbsd68)")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--tile-size", type=int, default=None, help="LatentCodec tiling (default: none)")
     return parser.parse_args(argv)

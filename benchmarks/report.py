@@ -107,3 +107,9 @@ def write_results(
     atomic_write_text(md_path, md)
     print(md)
     return json_path, md_path
+
+
+def photo_folder() -> Path:
+    """Where the quality benchmarks find real photographs: `$LATENT_VAE_PHOTOS`, a folder holding the
+    CBSD68 and Set14 test photos as `cbsd68/` and `cset14/` (default: `photos/` in the working folder)."""
+    return Path(os.environ.get("LATENT_VAE_PHOTOS", "photos"))

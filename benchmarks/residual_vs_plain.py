@@ -27,13 +27,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.report import RESULTS_DIR, write_results
+from benchmarks.report import RESULTS_DIR, photo_folder, write_results
 from latent_vae.images import load_image, pil_to_tensor
 from latent_vae.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
 from latent_vae.model import build_vae, count_parameters
 from latent_vae.presets import get_preset
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EVAL_SIZE = 256
 
 
@@ -242,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="equal steps per arm (when exploring)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=DATA, help="folder holding cbsd68/ and cset14/")
+    parser.add_argument("--data", type=Path, default=photo_folder(), help="folder holding cbsd68/ and cset14/ (default: $LATENT_VAE_PHOTOS or photos/)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results")
     parser.add_argument("--name", default="residual_vs_plain", help="results/NAME.json and .md")
     return parser.parse_args(argv)

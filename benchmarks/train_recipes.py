@@ -3,7 +3,7 @@
     python -m benchmarks.train_recipes --steps 80          # a few minutes per recipe on a 2-core CPU
 
 Each recipe trains the narrow f16c16 model with the training program (training/configs/cpu_demo.json,
-same seed, same crops in the same order) on the CBSD68 photos of ../shared/data and is scored on
+same seed, same crops in the same order) on the CBSD68 photos ($LATENT_VAE_PHOTOS/cbsd68) and is scored on
 Set14 (never seen), centre crops at 256x256: PSNR, SSIM, and sharpness = the Laplacian energy of the
 reconstruction over the original's (1.0: as sharp as the original; below 1: blurred). Such short runs
 rank recipes by how fast they start, not by where they end.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 
-from benchmarks.report import write_results
+from benchmarks.report import photo_folder, write_results
 from latent_vae import LatentCodec
 from latent_vae.images import find_images, load_image
 from latent_vae.metrics import psnr, ssim
@@ -27,7 +27,6 @@ from training.config import load_config
 from training.data import center_crop
 from training.train_vae import main as train
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EVAL_SIZE = 256
 
 RECIPES = {
@@ -57,14 +56,14 @@ def score(model_dir: Path, images: torch.Tensor) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_recipes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=photo_folder(), help="folder holding cbsd68/ and cset14/ (default: $LATENT_VAE_PHOTOS or photos/)")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="overrides for every recipe")
     args = parser.parse_args(argv)
     train_dir, eval_dir = args.data / "cbsd68", args.data / "cset14"
     if not train_dir.is_dir() or not eval_dir.is_dir():
-        parser.error(f"needs {train_dir} and {eval_dir} (the workplace's shared photos)")
+        parser.error(f"needs {train_dir} and {eval_dir} (the CBSD68 and Set14 test photos; set $LATENT_VAE_PHOTOS)")
     eval_images = torch.stack([center_crop(load_image(p), EVAL_SIZE) for p in find_images(eval_dir)])
     common = {"data": str(train_dir), "max_steps": args.steps, "max_minutes": 0, "report_to": "none",
               **dict(item.split("=", 1) for item in args.set)}

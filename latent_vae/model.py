@@ -212,8 +212,8 @@ def _load_single_file(path: Path) -> AutoencoderKL:
         return vae
     # An original (LDM/SD-format) checkpoint: diffusers converts those, but needs a local config.
     raise ModelLoadError(
-        f"{path} carries no diffusers config; load an original SD/LDM checkpoint with "
-        "AutoencoderKL.from_single_file(path, config=LOCAL_FOLDER) and save_pretrained it, then pass the folder"
+        f"{path} carries no diffusers config: an original LDM/SD-layout checkpoint? Convert it once with "
+        f"`latent-vae convert {path} --out FOLDER` and pass the folder"
     )
 
 

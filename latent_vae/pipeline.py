@@ -25,7 +25,7 @@ from .codec import NonFiniteError
 from .presets import downsampling_factor
 from .stats import LatentNormalization
 
-# The UNet of the latent-vs-pixel benchmark (DESIGN.md): 53 GFLOP per step on a 16x64x64 latent.
+# The UNet of the latent-vs-pixel benchmark (`benchmarks/latent_vs_pixel.py`).
 DEFAULT_UNET_CHANNELS: tuple[int, ...] = (128, 256, 256, 512)
 DEFAULT_ATTENTION_LEVELS = 2  # self-attention in the two lowest-resolution levels only
 

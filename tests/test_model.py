@@ -94,7 +94,7 @@ def test_missing_source_names_the_presets(tmp_path):
 
 def test_safetensors_without_config_says_how_to_convert(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "sd_vae.safetensors"))
-    with pytest.raises(ModelLoadError, match="from_single_file"):
+    with pytest.raises(ModelLoadError, match="latent-vae convert"):
         load_vae(tmp_path / "sd_vae.safetensors")
 
 
@@ -108,7 +108,7 @@ def test_unknown_model_class_is_an_error(tmp_path):
 
 
 def test_flops_match_the_reference_numbers():
-    # DESIGN.md: f16c16 at 256x256 costs about 136 GFLOP to encode and 250 to decode.
+    # The reference figures for the f16c16 layout: at 256x256 it costs about 136 GFLOP to encode and 250 to decode.
     encode, decode = codec_flops(build_vae("f16c16"), 256, 256)
     assert 130e9 < encode < 142e9
     assert 240e9 < decode < 260e9

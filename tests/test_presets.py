@@ -3,7 +3,7 @@ import torch
 
 from latent_vae import PRESETS, build_vae, get_preset
 
-# The published widths the presets must keep (DESIGN.md).
+# The published widths the presets must keep (LDM kl-f16, SD/SDXL VAE, SD3/FLUX VAE).
 PUBLISHED = {
     "f16c16": ((128, 128, 256, 256, 512), 16, 16),
     "f8c4": ((128, 256, 512, 512), 4, 8),

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from latent_vae.images import DEFAULT_MAX_PIXELS
 from latent_vae.presets import PRESETS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -25,6 +26,7 @@ class TrainConfig:
     freeze_encoder: bool = False
     data: str = ""  # image folder (recursive), save_to_disk folder, .parquet or .arrow file (or a folder of them)
     image_column: str = "image"  # for datasets
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (and counted) unread: decompression bombs; 0: no limit
     split: str = ""  # for a saved DatasetDict: which split (empty: train, or the only one)
     resolution: int = 256  # training crop side; the network is fully convolutional, so 1024 models train on crops
     # "ldm": LDM's autoencoder crops: a random square of a fraction in [crop_min, 1] of the short side, area-resized

@@ -170,12 +170,12 @@ def main(config: TrainConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    source = ImageSource(config.data, config.image_column, config.split)
+    source = ImageSource(config.data, config.image_column, config.split, max_pixels=config.max_pixels or None)
     for line in source.unreadable:
         accelerator.print(f"skipped folder {line}", file=sys.stderr)
     held_out: list[str] = []
     if config.validation_data:
-        val_source = ImageSource(config.validation_data, config.image_column)
+        val_source = ImageSource(config.validation_data, config.image_column, max_pixels=config.max_pixels or None)
         for line in val_source.unreadable:
             accelerator.print(f"skipped folder {line}", file=sys.stderr)
     elif config.validation_holdout > 0:
