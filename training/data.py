@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from latent_vae.datasets_on_disk import open_saved_dataset
+from latent_vae.sources import open_saved_dataset
 from latent_vae.images import ImageError, find_images, load_image, pil_to_tensor, to_rgb
 
 # A corrupt image is replaced by the next one; after this many bad ones in a row the data is broken.
