@@ -59,6 +59,7 @@ INFO_FILE = "latents.json"
 SUMMARY_FILE = "summary.json"
 FAILURES_FILE = "failures.jsonl"
 DATA_DIR, MANIFEST_DIR, CLAIM_DIR, STAGING_DIR = "data", "manifests", "claims", "staging"
+LAYOUT = (INFO_FILE, SUMMARY_FILE, FAILURES_FILE, DATA_DIR, MANIFEST_DIR, CLAIM_DIR, STAGING_DIR)
 
 # Columns the precompute writes; a source column with one of these names would be overwritten, so it is refused.
 KEY, MEAN, STD, FLIP_MEAN, FLIP_STD = "key", "mean", "std", "flip_mean", "flip_std"
@@ -164,10 +165,10 @@ def create_or_check(out: Path, info: LatentInfo) -> None:
     """The first run records how the dataset is made; a later or concurrent run must make it the same way."""
     file = out / INFO_FILE
     if not file.is_file():
-        if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+        # Ignoring our own folders: a concurrent run (another rank) may have created them a moment ago.
+        if out.exists() and any(not p.name.startswith(".") and p.name not in LAYOUT for p in out.iterdir()):
             raise ValueError(f"{out} exists and is not a latent dataset: choose an empty or new folder")
-        for folder in (DATA_DIR, MANIFEST_DIR, CLAIM_DIR, STAGING_DIR):
-            (out / folder).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         publish_exclusive(file, info.to_json())  # two runs starting together: the first one's record stands
     old, new = LatentInfo.read(out).settings(), info.settings()
     changed = [k for k in new if old.get(k) != new[k]]
@@ -326,7 +327,12 @@ def commit_shard(out: Path, manifest: Manifest, staged: Path) -> bool:
     if not publish_exclusive(out / MANIFEST_DIR / f"{manifest.input_shard}.json", json.dumps(asdict(manifest))):
         staged.unlink(missing_ok=True)
         return False
-    os.replace(staged, out / DATA_DIR / manifest.data_file)
+    data = out / DATA_DIR / manifest.data_file
+    try:
+        os.replace(staged, data)
+    except FileNotFoundError:
+        if not data.is_file():  # not a reader finishing our commit for us (shard_state): really lost
+            raise
     _fsync(out / DATA_DIR)
     return True
 

@@ -316,6 +316,11 @@ class Claims:
         aside.unlink(missing_ok=True)
         return True
 
+    def clear_stale(self) -> None:
+        """Remove the stale claims of dead processes (one killed between its commit and its release)."""
+        for path in self.folder.glob("*.claim"):
+            self._take_over_if_stale(path)
+
     def release(self, name: str) -> None:
         """Remove our claim (not one that another process has taken over meanwhile)."""
         path = self.path(name)
@@ -398,6 +403,9 @@ class ShardReader(torch.utils.data.IterableDataset):
             yield {"kind": "end", "shard": shard.name}
 
     def _item(self, shard: str, sample) -> dict:
+        if sample.image is None:  # a tar sample without an image member, a null in the image column
+            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name, "reason": "missing",
+                    "message": f"{sample.name}: no image"}
         try:
             image = load_image(sample.image, max_pixels=self.options.max_pixels, name=sample.name)
             prepared = prepare_image(image, self.options, self.buckets)
@@ -514,6 +522,7 @@ class _Run:
         while True:
             left = [i for i in self.order if fmt.shard_state(self.out, names[i]) != "complete"]
             if not left:
+                self.claims.clear_stale()
                 return
             before = self.committed
             self._pass(left, workers)
