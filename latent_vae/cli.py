@@ -399,10 +399,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, options_class: type
     group = parser.add_argument_group(title)
     for spec in dataclasses.fields(options_class):
         kind = hints[spec.name]
-        if type(None) in typing.get_args(kind):  # X | None: the flag takes an X, and None stays the default
+        optional = type(None) in typing.get_args(kind)
+        if optional:  # X | None: the flag takes an X, and None stays the default
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flag, text = "--" + spec.name.replace("_", "-"), spec.metadata.get("help", "")
-        if kind is bool:
+        if kind is bool and optional:  # three states: --flag, --no-flag, or neither (None: decided later)
+            group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind is bool:
             if spec.default:
                 group.add_argument(f"--no-{spec.name.replace('_', '-')}", dest=spec.name, action="store_false", help=f"do not {text}")
             else:

@@ -64,7 +64,7 @@ class PrecomputeOptions:
     max_upscale: float = _option(1.0, "skip images needing more upscaling than this to fill the crop (1: never upscale)")
     max_pixels: int = _option(DEFAULT_MAX_PIXELS, "refuse images above this many pixels, from their header, before decoding")
     tile_size: int | None = _option(None, "encode images larger than this in tiles (bounds memory); default: whole images")
-    channels_last: bool = _option(False, "NHWC memory layout (often faster)")
+    channels_last: bool | None = _option(None, "NHWC memory layout (default: the codec's choice by device, NHWC on CPU)")
     image_column: str | None = _option(None, "datasets and parquet sources: the image column (default: the only image column)")
     key_column: str | None = _option(None, "datasets and parquet sources: a column of unique ids (default: a 'key' column, else the row)")
     caption_column: str = _option("text", "image folders: the column .txt captions go to (as diffusers' scripts)")
@@ -289,16 +289,26 @@ class Claims:
             return True
         return False
 
-    def _take_over_if_stale(self, path: Path) -> bool:
+    def held(self, name: str) -> bool:
+        """Whether a live process holds shard `name` (a claim that is not stale)."""
+        return self._staleness(self.path(name))[0] is False
+
+    def _staleness(self, path: Path) -> tuple[bool | None, bytes]:
+        """(None: no claim | False: live | True: stale, the claim's content)."""
         try:
             content, modified = path.read_bytes(), path.stat().st_mtime
         except FileNotFoundError:
-            return True  # released meanwhile: try again
+            return None, b""
         try:
             holder = Owner(**{k: v for k, v in json.loads(content).items() if k in Owner.__dataclass_fields__})
         except (json.JSONDecodeError, TypeError):
             holder = None  # being written this instant: judged by its age alone
-        stale = time.time() - modified > self.timeout or (holder is not None and not holder.alive())
+        return time.time() - modified > self.timeout or (holder is not None and not holder.alive()), content
+
+    def _take_over_if_stale(self, path: Path) -> bool:
+        stale, content = self._staleness(path)
+        if stale is None:
+            return True  # released meanwhile: try again
         if not stale:
             return False
         aside = path.with_name(f".{path.name}.{self.owner.run_id}.stale")
@@ -362,7 +372,7 @@ class Heartbeat:
 
 
 class ShardReader(torch.utils.data.IterableDataset):
-    """Claims shards, then yields for each: {"kind": "start"}, its images (prepared) or failures, {"kind": "end"}.
+    """Claims shards, then yields for each, in lists: {"kind": "start"}, its images (prepared) or failures, {"kind": "end"}.
 
     Runs in DataLoader workers (each its own shards, so a shard's items arrive in order); uint8 pixels cross
     the process boundary: 4x less than float.
@@ -390,17 +400,23 @@ class ShardReader(torch.utils.data.IterableDataset):
             if state == "broken":  # a manifest whose data was lost: redo the shard
                 (self.out / fmt.MANIFEST_DIR / f"{shard.name}.json").unlink(missing_ok=True)
             heartbeat.add(claims.path(shard.name))
-            yield {"kind": "start", "shard": shard.name, "source": getattr(shard, "path", shard.name)}
+            # Items travel in lists of about a batch: one message per batch, not per image (small images are
+            # otherwise bound by the DataLoader's per-message cost).
+            chunk = [{"kind": "start", "shard": shard.name, "source": getattr(shard, "path", shard.name)}]
             try:
                 for sample in shard.samples():
-                    yield self._item(shard.name, sample)
+                    chunk.append(self._item(shard.name, sample))
+                    if len(chunk) >= self.options.batch_size:
+                        yield chunk
+                        chunk = []
             except (OSError, EOFError, tarfile.TarError, ValueError, KeyError) as error:
                 # A truncated download or a bad file: what was read stays, the rest is one failure of the shard.
-                yield {"kind": "failure", "shard": shard.name, "key": f"{shard.name}#unread", "source": shard.name,
-                       "reason": "unreadable_shard", "message": f"{getattr(shard, 'path', shard.name)}: "
-                       f"could not be read to the end ({type(error).__name__}: {error})"}
+                chunk.append({"kind": "failure", "shard": shard.name, "key": f"{shard.name}#unread",
+                              "source": shard.name, "reason": "unreadable_shard",
+                              "message": f"{getattr(shard, 'path', shard.name)}: could not be read to the end "
+                              f"({type(error).__name__}: {error})"})
             heartbeat.discard(claims.path(shard.name))
-            yield {"kind": "end", "shard": shard.name}
+            yield [*chunk, {"kind": "end", "shard": shard.name}]
 
     def _item(self, shard: str, sample) -> dict:
         if sample.image is None:  # a tar sample without an image member, a null in the image column
@@ -518,27 +534,28 @@ class _Run:
 
     def run(self, workers: int) -> None:
         names = [s.name for s in self.source.shards]
-        poll = min(10.0, max(0.2, self.options.claim_timeout / 20))
-        while True:
-            left = [i for i in self.order if fmt.shard_state(self.out, names[i]) != "complete"]
-            if not left:
-                self.claims.clear_stale()
-                return
-            before = self.committed
-            self._pass(left, workers)
-            if self.committed == before:  # others hold what is left: wait for them, or for their claims to go stale
+        poll = min(2.0, max(0.2, self.options.claim_timeout / 20))
+        left = [i for i in self.order if fmt.shard_state(self.out, names[i]) != "complete"]
+        while left:
+            free = [i for i in left if not self.claims.held(names[i])]
+            if free:
+                self._pass(free, workers)
+            else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale
                 time.sleep(poll)
+            left = [i for i in left if fmt.shard_state(self.out, names[i]) != "complete"]
+        self.claims.clear_stale()
 
     def _pass(self, order: list[int], workers: int) -> None:
         workers = min(workers, len(order))
         loader = torch.utils.data.DataLoader(
             ShardReader(self.source, order, self.out, self.owner, self.options, self.buckets), batch_size=None,
             num_workers=workers, collate_fn=_passthrough_collate,
-            # enough images in flight for two batches, so the encoder never waits for a decode
-            prefetch_factor=max(2, math.ceil(2 * self.options.batch_size / workers)) if workers else None)
+            # two chunks (about a batch each) ready per worker, so the encoder never waits for a decode
+            prefetch_factor=2 if workers else None)
         try:
-            for item in loader:
-                self._take(item)
+            for chunk in loader:
+                for item in chunk:
+                    self._take(item)
         finally:
             for shard in self.open.values():  # an error or an interrupt: nothing half-written stays behind
                 shard.writer.abort()

@@ -369,10 +369,10 @@ def test_precompute_flags_are_derived_from_the_options_dataclass():
     parser = argparse.ArgumentParser()
     cli.add_precompute_arguments(parser)
     args = parser.parse_args(["--resolution", "64", "--flip", "--no-progress", "--dtype", "fp32", "--tile-size", "128",
-                              "--claim-timeout", "9.5"])
+                              "--claim-timeout", "9.5", "--no-channels-last"])
     options = PrecomputeOptions(**{k: v for k, v in vars(args).items() if k in PrecomputeOptions.__dataclass_fields__})
     assert (options.resolution, options.flip, options.progress, options.dtype) == (64, True, False, "fp32")
-    assert (options.tile_size, options.claim_timeout, options.device) == (128, 9.5, None)
+    assert (options.tile_size, options.claim_timeout, options.device, options.channels_last) == (128, 9.5, None, False)
     defaults = parser.parse_args([])
     assert all(getattr(defaults, name) == spec.default for name, spec in PrecomputeOptions.__dataclass_fields__.items())
     with pytest.raises(SystemExit):
