@@ -20,12 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import tarfile
-import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ import torch
 from PIL import Image
 
 from . import latents as fmt
+from .claims import HOST, Claims, Heartbeat, Owner
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from .sources import Source, open_source
 
@@ -223,149 +221,6 @@ def encode_images(codec, images: Sequence[Image.Image], metadata: Sequence[dict]
             rows += encode_prepared(codec, [c[0] for c in chunk], [c[1] for c in chunk], flip=options.flip,
                                     dtype=fmt.storage_dtype(options.dtype))
     return rows, failures
-
-
-# -- claims: one process per shard at a time -------------------------------------------------------------------------
-
-HOST = socket.gethostname()
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (tells a live pid from a reused one); None if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    except OSError:  # no /proc (not Linux): fall back to the pid alone
-        try:
-            os.kill(pid, 0)
-            return "alive"
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return "alive"
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who holds a claim: the process that will commit the shard (the run's main process)."""
-
-    host: str
-    pid: int
-    started: str | None
-    run_id: str
-
-    @classmethod
-    def this_process(cls) -> Owner:
-        return cls(HOST, os.getpid(), _process_start(os.getpid()), uuid.uuid4().hex)
-
-    def alive(self) -> bool:
-        """False only when surely dead: a process of this host that is gone (another host's is judged by heartbeat)."""
-        return self.host != HOST or (_process_start(self.pid) is not None and
-                                     self.started in (None, "alive", _process_start(self.pid)))
-
-
-class Claims:
-    """Claim files `DST/claims/NAME.claim`: created exclusively (O_CREAT | O_EXCL), refreshed by a heartbeat
-    (their mtime), taken over by a rename once stale: no heartbeat for `timeout` s, or a dead owner on this host."""
-
-    def __init__(self, out: Path, owner: Owner, timeout: float) -> None:
-        self.folder, self.owner, self.timeout = out / fmt.CLAIM_DIR, owner, timeout
-
-    def path(self, name: str) -> Path:
-        return self.folder / f"{name}.claim"
-
-    def try_claim(self, name: str) -> bool:
-        path = self.path(name)
-        for attempt in range(2):
-            try:
-                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if attempt or not self._take_over_if_stale(path):
-                    return False
-                continue
-            with os.fdopen(descriptor, "w") as f:
-                json.dump({**asdict(self.owner), "claimed_at": time.time()}, f)
-            return True
-        return False
-
-    def held(self, name: str) -> bool:
-        """Whether a live process holds shard `name` (a claim that is not stale)."""
-        return self._staleness(self.path(name))[0] is False
-
-    def _staleness(self, path: Path) -> tuple[bool | None, bytes]:
-        """(None: no claim | False: live | True: stale, the claim's content)."""
-        try:
-            content, modified = path.read_bytes(), path.stat().st_mtime
-        except FileNotFoundError:
-            return None, b""
-        try:
-            holder = Owner(**{k: v for k, v in json.loads(content).items() if k in Owner.__dataclass_fields__})
-        except (json.JSONDecodeError, TypeError):
-            holder = None  # being written this instant: judged by its age alone
-        return time.time() - modified > self.timeout or (holder is not None and not holder.alive()), content
-
-    def _take_over_if_stale(self, path: Path) -> bool:
-        stale, content = self._staleness(path)
-        if stale is None:
-            return True  # released meanwhile: try again
-        if not stale:
-            return False
-        aside = path.with_name(f".{path.name}.{self.owner.run_id}.stale")
-        try:
-            os.rename(path, aside)  # of several processes taking over, one moves it
-        except FileNotFoundError:
-            return True
-        if aside.read_bytes() != content:  # a fresh claim was created between our look and the rename: put it back
-            try:
-                os.link(aside, path)
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
-        return True
-
-    def clear_stale(self) -> None:
-        """Remove the stale claims of dead processes (one killed between its commit and its release)."""
-        for path in self.folder.glob("*.claim"):
-            self._take_over_if_stale(path)
-
-    def release(self, name: str) -> None:
-        """Remove our claim (not one that another process has taken over meanwhile)."""
-        path = self.path(name)
-        try:
-            if json.loads(path.read_bytes()).get("run_id") == self.owner.run_id:
-                path.unlink()
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-
-
-class Heartbeat:
-    """A daemon thread that touches the claim files of the shards this process is working on."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval, self.paths, self._lock = interval, set(), threading.Lock()
-        threading.Thread(target=self._run, name="claim-heartbeat", daemon=True).start()
-
-    def add(self, path: Path) -> None:
-        with self._lock:
-            self.paths.add(path)
-
-    def discard(self, path: Path) -> None:
-        with self._lock:
-            self.paths.discard(path)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            with self._lock:
-                paths = list(self.paths)
-            for path in paths:
-                try:
-                    os.utime(path)
-                except FileNotFoundError:
-                    pass  # taken over: the exclusive commit still decides who writes the shard
 
 
 # -- reading shards in DataLoader workers --------------------------------------------------------------------------
