@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .latents import CLAIM_DIR
 
@@ -137,9 +138,19 @@ class Claims:
 class Heartbeat:
     """A daemon thread that touches the claim files of the shards this process is working on."""
 
+    _per_process: ClassVar[dict[int, Heartbeat]] = {}
+
     def __init__(self, interval: float) -> None:
         self.interval, self.paths, self._lock = interval, set(), threading.Lock()
         threading.Thread(target=self._run, name="claim-heartbeat", daemon=True).start()
+
+    @classmethod
+    def of_this_process(cls, interval: float) -> Heartbeat:
+        """One heartbeat thread per process (a DataLoader worker is a process of its own), however many passes."""
+        beat = cls._per_process.get(os.getpid())
+        if beat is None or beat.interval != interval:
+            beat = cls._per_process[os.getpid()] = cls(interval)
+        return beat
 
     def add(self, path: Path) -> None:
         with self._lock:

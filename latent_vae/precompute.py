@@ -242,7 +242,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         claims = Claims(self.out, self.owner, self.options.claim_timeout)
-        heartbeat = Heartbeat(self.options.claim_timeout / 4)
+        heartbeat = Heartbeat.of_this_process(self.options.claim_timeout / 4)
         start = worker_id * len(self.order) // workers  # workers start apart: fewer collisions on claims
         for index in self.order[start:] + self.order[:start]:
             shard = self.source.shards[index]
@@ -381,7 +381,7 @@ class _Run:
         self.order, self.features, self.progress = order, features, progress
         self.owner = Owner.this_process()
         self.claims = Claims(out, self.owner, options.claim_timeout)
-        self.heartbeat = Heartbeat(options.claim_timeout / 4)
+        self.heartbeat = Heartbeat.of_this_process(options.claim_timeout / 4)
         self.storage = fmt.storage_dtype(options.dtype)
         self.encoded = self.failed = self.committed = 0
         self.open: dict[str, _OpenShard] = {}
