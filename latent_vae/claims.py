@@ -97,7 +97,11 @@ class Claims:
             holder = Owner(**{k: v for k, v in json.loads(content).items() if k in Owner.__dataclass_fields__})
         except (json.JSONDecodeError, TypeError):
             holder = None  # being written this instant: judged by its age alone
-        return time.time() - modified > self.timeout or (holder is not None and not holder.alive()), content
+        # An earlier run of this very process (one that ended in an error, in a notebook) holds nothing any more.
+        earlier_run_here = holder is not None and (holder.host, holder.pid) == (self.owner.host, self.owner.pid) \
+            and holder.run_id != self.owner.run_id
+        stale = time.time() - modified > self.timeout or earlier_run_here or (holder is not None and not holder.alive())
+        return stale, content
 
     def _take_over_if_stale(self, path: Path) -> bool:
         stale, content = self._staleness(path)

@@ -412,8 +412,9 @@ class _Run:
                 for item in chunk:
                     self._take(item)
         finally:
-            for shard in self.open.values():  # an error or an interrupt: nothing half-written stays behind
+            for name, shard in self.open.items():  # an error or an interrupt: nothing half-written stays behind
                 shard.writer.abort()
+                self.claims.release(name)
             self.open.clear()
             self.groups.clear()
 

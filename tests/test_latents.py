@@ -17,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_vae import LatentCodec, build_vae, save_vae
-from latent_vae import cli
+from latent_vae import LatentCodec, build_vae, cli, save_vae
 from latent_vae.latents import (
     BucketBatchSampler,
     LatentInfo,
@@ -309,7 +308,8 @@ def test_interrupted_dataset_is_refused_then_completed_exactly_once(model_dir, f
     assert len(shard_files(out)) == 5 and len(list((out / "manifests").glob("*.json"))) == 5
     # What a kill leaves behind: a shard never committed (no manifest: its half-written file stays in staging/,
     # named after a process that is gone) and a commit cut short between its manifest and its rename.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     lost = shard_files(out)[1]
     (out / "manifests" / f"{lost.stem}.json").unlink()
     lost.rename(out / "staging" / f".{lost.name}.{socket.gethostname()}.{dead.stdout.strip()}.0badc0de.tmp")

@@ -20,7 +20,14 @@ import torch
 from PIL import Image
 
 from latent_vae import build_vae, save_vae
-from latent_vae.latents import load_latents, read_failures, read_manifests, read_summary, unpack, verify_latents
+from latent_vae.latents import (
+    load_latents,
+    read_failures,
+    read_manifests,
+    read_summary,
+    unpack,
+    verify_latents,
+)
 from latent_vae.precompute import precompute_latents
 
 pytestmark = pytest.mark.slow

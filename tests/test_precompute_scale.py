@@ -12,6 +12,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -164,7 +165,7 @@ def dead_pid() -> int:
 
 
 def test_stale_claims_are_taken_over_and_live_ones_waited_for(model_dir, tmp_path):
-    samples = img2dataset_shards(tmp_path / "tars", shards=3, per_shard=2)
+    samples = img2dataset_shards(tmp_path / "tars", shards=4, per_shard=2)
     out = tmp_path / "latents"
     (out / "claims").mkdir(parents=True)
     # 00000: claimed by a process of this host that is gone (a run killed with SIGKILL): taken over at once.
@@ -175,10 +176,15 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(model_dir, tmp_pat
     (out / "claims" / "00001.claim").write_text(json.dumps({**owner, "host": "node-7", "pid": 1}))
     os.utime(out / "claims" / "00001.claim", (time.time() - 3600, time.time() - 3600))
     (out / "claims" / "00002.claim").write_text(json.dumps({**owner, "host": "node-8", "pid": 1}))
+    # 00003: held by an earlier run of this very process (one that stopped on an error): free at once.
+    from latent_vae.claims import Owner
+
+    earlier = {**asdict(Owner.this_process()), "run_id": "an-earlier-run"}
+    (out / "claims" / "00003.claim").write_text(json.dumps(earlier))
     start = time.monotonic()
     summary = precompute_latents(str(model_dir), str(tmp_path / "tars"), out, claim_timeout=2.0, **FAST)
     waited = time.monotonic() - start
-    assert summary.complete and summary.shards_this_run == 3 and sorted(stored(out)) == sorted(samples)
+    assert summary.complete and summary.shards_this_run == 4 and sorted(stored(out)) == sorted(samples)
     assert waited >= 2.0  # the live claim was respected until it went stale
     assert not list((out / "claims").iterdir()) and verify_latents(out).ok
 
@@ -233,3 +239,27 @@ def test_streaming_reads_every_row_once_over_two_ranks_and_two_workers(latent_di
     assert sorted(first) == sorted(second) and first != list(second)
     index = keys.index(first[0])
     torch.testing.assert_close(second[first[0]], everything[index]["latents"])
+
+
+def test_a_run_that_fails_leaves_nothing_that_blocks_the_next_run_in_the_same_process(model_dir, tmp_path, monkeypatch):
+    from latent_vae import precompute
+
+    samples = img2dataset_shards(tmp_path / "tars", shards=3, per_shard=4)
+    real, calls = precompute.encode_prepared, []
+
+    def fails_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory, say")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(precompute, "encode_prepared", fails_on_the_third_batch)
+    out = tmp_path / "latents"
+    options = {**FAST, "batch_size": 2, "num_workers": 1, "claim_timeout": 120.0}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        precompute_latents(str(model_dir), str(tmp_path / "tars"), out, **options)
+    assert not list((out / "staging").iterdir())  # the open shard's half-written file is gone
+    start = time.monotonic()
+    summary = precompute_latents(str(model_dir), str(tmp_path / "tars"), out, **options)
+    assert time.monotonic() - start < 60  # no waiting for the claim timeout
+    assert summary.complete and sorted(stored(out)) == sorted(samples) and verify_latents(out).ok
