@@ -71,7 +71,7 @@ MOMENT_COLUMNS = (MEAN, STD, FLIP_MEAN, FLIP_STD)
 LATENTS, FLIPPED = "latents", "flipped"
 
 # A random read (a shuffled DataLoader) reads a whole row group: about this many bytes of latents each.
-ROW_GROUP_BYTES = 1 << 20
+ROW_GROUP_BYTES = 256 << 10
 # numpy dtype of the stored bytes: bfloat16 has no numpy type, so its bits travel as int16.
 _NUMPY_STORAGE = {torch.bfloat16: np.dtype("<i2"), torch.float16: np.dtype("<f2"), torch.float32: np.dtype("<f4")}
 
