@@ -125,6 +125,7 @@ class LatentInfo:
     passthrough: list[str]  # source columns copied unchanged
     input_shards: list[str]  # every input shard's name: the dataset is complete when each has a manifest
     shard_size: int | None  # rows per virtual shard of an unsharded input (None: the input's own shards)
+    input_digest: str | None = None  # sha256 of an unsharded input's keys: a changed folder is not continued
     model_source: str | None = None  # how the model was named (for people; the fingerprint is what counts)
     data_source: str | None = None  # what SRC was (for people)
     format: str = FORMAT_NAME

@@ -506,6 +506,7 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         tile_size=codec.tile_size, max_upscale=opts.max_upscale, image_column=source.image_column,
         key_column=source.key_column, passthrough=list(source.passthrough),
         input_shards=[s.name for s in source.shards], shard_size=None if source.sharded else opts.shard_size,
+        input_digest=source.keys_digest,
         model_source=model_source, data_source=source.description)
     fmt.create_or_check(out, info)
     fmt.clean_staging(out)

@@ -18,6 +18,7 @@ Every shard yields `Sample`s whose image is what `latent_vae.images.load_image` 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -68,6 +69,9 @@ class Source:
     passthrough: Any  # datasets.Features
     description: str
     sharded: bool  # True: the input's own shards; False: virtual shards of shard_size rows
+    # Of a virtual-sharded input: sha256 of its keys in order. Its shards are positions in that order, so a
+    # rerun on a folder that has changed would skip or repeat images; the run refuses it instead.
+    keys_digest: str | None = None
 
 
 # -- shards ------------------------------------------------------------------------------------------------------
@@ -305,8 +309,9 @@ def _dataset_source(dataset, image_column, key_column, shard_size: int, reserved
     shards = [RowRangeShard(f"part-{start // shard_size:0{digits}d}", dataset, start,
                             min(start + shard_size, len(dataset)), image_column, keys, columns, where)
               for start in range(0, len(dataset), shard_size)]
+    digest = hashlib.sha256("\n".join(keys if keys else [str(len(dataset))]).encode()).hexdigest()
     return Source(shards, image_column, key_column, datasets.Features({c: dataset.features[c] for c in columns}),
-                  where, sharded=False)
+                  where, sharded=False, keys_digest=digest)
 
 
 def _stream_source(dataset, image_column, key_column, reserved) -> Source:

@@ -291,6 +291,10 @@ def test_other_model_resolution_or_settings_are_refused(model_dir, folder, tmp_p
         precompute_latents(str(model_dir), folder, out, resolution=RES, flip=True, **FAST)
     with pytest.raises(ValueError, match="made differently.*fingerprint"):
         precompute_latents(other, folder, out, resolution=RES, **FAST)
+    # A folder that changed: its virtual shards are positions in the sorted file list, so it is not continued.
+    random_image(40, 40, 3).save(folder / "added.png")
+    with pytest.raises(ValueError, match="made differently.*input_digest"):
+        precompute_latents(str(model_dir), folder, out, resolution=RES, **FAST)
     with pytest.raises(ValueError, match="no mirrored latents"):
         load_latents(out, flip_probability=0.5)
     (tmp_path / "occupied").mkdir()
