@@ -29,13 +29,15 @@ from benchmarks.measure import result_name
 from benchmarks.report import device_label, synchronize, write_results
 from latent_vae import LatentCodec, build_vae
 from latent_vae.codec import resolve_device
-from latent_vae.precompute import PrecomputeOptions, PreprocessedImages, open_source, precompute_latents
+from latent_vae.images import load_image
+from latent_vae.precompute import PrecomputeOptions, precompute_latents, prepare_image
+from latent_vae.sources import open_source
 
 NAME = "precompute_speed"
 GOAL = 0.90
 # Defaults that fit each kind of machine: a CPU run of about two minutes, a GPU run long enough to be steady.
-DEFAULTS = {"cpu": dict(resolution=256, num_images=24, batch_size=4, encode_dtype="fp32"),
-            "cuda": dict(resolution=1024, num_images=256, batch_size=16, encode_dtype="bf16")}
+DEFAULTS = {"cpu": {"resolution": 256, "num_images": 24, "batch_size": 4, "encode_dtype": "fp32"},
+            "cuda": {"resolution": 1024, "num_images": 256, "batch_size": 16, "encode_dtype": "bf16"}}
 
 
 def make_images(folder: Path, count: int, resolution: int, seed: int = 0) -> None:
@@ -53,9 +55,9 @@ def make_images(folder: Path, count: int, resolution: int, seed: int = 0) -> Non
 def decoded_batches(folder: Path, resolution: int, batch_size: int) -> list[torch.Tensor]:
     """The exact tensors precompute would encode, prepared ahead (not timed)."""
     options = PrecomputeOptions(resolution=resolution, max_upscale=2.0)
-    source = open_source(folder, options)
-    images = PreprocessedImages(source, list(range(len(source.keys))), options, None)
-    pixels = torch.stack([images[i]["pixels"] for i in range(len(images))]).float().div(127.5).sub(1.0)
+    samples = [sample for shard in open_source(folder).shards for sample in shard.samples()]
+    prepared = [prepare_image(load_image(sample.image), options).pixels for sample in samples]
+    pixels = torch.stack(prepared).float().div(127.5).sub(1.0)
     return list(pixels.split(batch_size))
 
 

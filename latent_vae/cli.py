@@ -34,7 +34,6 @@ from .images import (
     tensor_to_uint8,
 )
 from .latent_files import LatentFile, load_latent_file, save_latent_file
-from .precompute import add_precompute_arguments, run_precompute
 from .presets import DEFAULT_PRESET, PRESETS, downsampling_factor
 from .stats import calibrate
 
@@ -486,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_demo)
 
     p = commands.add_parser("precompute", help="encode a dataset once into a latent dataset (🤗 datasets)",
-                            description="Precompute the posterior of every image of a folder or dataset into "
-                            "parquet shards; killed, the same command resumes; see README 'Latent datasets'.")
+                            description="Precompute the posterior of every image of tar shards, parquet files, a "
+                            "folder or a dataset into parquet shards, one per input shard; killed, the same command "
+                            "resumes; several runs or nodes share the work; see README 'Latent datasets'.")
     add_precompute_arguments(p)
     p.set_defaults(func=run_precompute)
 
@@ -505,21 +505,119 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- precompute (a self-contained block: its flags are derived from PrecomputeOptions) ---------------------------
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, options_class: type, title: str = "precompute options") -> None:
+    """One `--field-name` flag per field of a dataclass: type, choices (a Literal) and default from the
+    annotation, help from the field's metadata; a bool is a switch (`--no-FIELD` when it defaults to True)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(options_class)
+    group = parser.add_argument_group(title)
+    for spec in dataclasses.fields(options_class):
+        kind = hints[spec.name]
+        optional = type(None) in typing.get_args(kind)
+        if optional:  # X | None: the flag takes an X, and None stays the default
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        flag, text = "--" + spec.name.replace("_", "-"), spec.metadata.get("help", "")
+        if kind is bool and optional:  # three states: --flag, --no-flag, or neither (None: decided later)
+            group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind is bool:
+            if spec.default:
+                group.add_argument(f"--no-{spec.name.replace('_', '-')}", dest=spec.name, action="store_false", help=f"do not {text}")
+            else:
+                group.add_argument(flag, dest=spec.name, action="store_true", help=text)
+        elif typing.get_origin(kind) is typing.Literal:
+            choices = list(typing.get_args(kind))
+            group.add_argument(flag, dest=spec.name, type=type(choices[0]), choices=choices, default=spec.default,
+                               help=f"{text} (default: {spec.default})")
+        else:
+            group.add_argument(flag, dest=spec.name, type=kind, default=spec.default, metavar=kind.__name__.upper(),
+                               help=f"{text}" + (f" (default: {spec.default})" if spec.default is not None else ""))
+
+
+def add_precompute_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `latent-vae precompute`: what to encode and where, then every PrecomputeOptions field."""
+    from .precompute import PrecomputeOptions
+
+    parser.add_argument("--model", help="preset name, diffusers model folder or .safetensors file")
+    parser.add_argument("--data", help="WebDataset tar shards or parquet files (path, glob or folder of them), an image "
+                        "folder, a datasets folder (save_to_disk) or arrow files")
+    parser.add_argument("--out", help="output folder; the same command again continues an interrupted run, and runs "
+                        "on several nodes into one folder share the work")
+    parser.add_argument("--verify", metavar="DST", help="check a latent dataset instead (every shard done, row counts, "
+                        "checksums, every key once); exit 0 when sound, 1 when not")
+    add_dataclass_arguments(parser, PrecomputeOptions)
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    """`latent-vae precompute`: 0 when every input is in the dataset, 1 when some failed (listed), 2 when it
+    could not run (one line)."""
+    import dataclasses
+
+    from .latents import FAILURES_FILE, read_failures, verify_latents
+    from .precompute import PrecomputeOptions, precompute_latents
+
+    try:
+        if args.verify:
+            report = verify_latents(args.verify)
+            print(report.line())
+            for problem in report.problems:
+                print(f"{args.verify}: {problem}", file=sys.stderr)
+            return 0 if report.ok else EXIT_SOME_FAILED
+        missing = [f"--{name}" for name in ("model", "data", "out") if not getattr(args, name)]
+        if missing:
+            raise CommandError(f"{', '.join(missing)} required (or --verify DST)")
+        options = PrecomputeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrecomputeOptions)})
+        summary = precompute_latents(args.model, args.data, args.out, options)
+    except ValueError as error:  # ImageError, ModelLoadError and CommandError are ValueErrors too
+        print(f"latent-vae precompute: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0 if summary.failures == 0 else EXIT_SOME_FAILED
+    print(summary.line())
+    if summary.failures:
+        failures = read_failures(args.out)
+        for failure in failures[:20]:
+            print(f"failed: {failure['message']} [{failure['reason']}]", file=sys.stderr)
+        more = f" ({len(failures) - 20} more)" if len(failures) > 20 else ""
+        print(f"{len(failures)} inputs failed{more}; all are listed in {Path(args.out) / FAILURES_FILE}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def precompute_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m latent_vae.precompute ...` (the form torchrun and accelerate launch start)."""
+    parser = argparse.ArgumentParser(prog="python -m latent_vae.precompute",
+                                     description="Encode a dataset once into a latent dataset (latent-vae precompute).")
+    add_precompute_arguments(parser)
+    return run_command(run_precompute, parser.parse_args(argv), "latent-vae precompute")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # bad arguments: argparse's usage line and exit 2
+    return run_command(args.func, args, "latent-vae")
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """Run a command with the documented exit statuses: its own 0/1, 2 with one line for an input that
+    stops it, 3 with a one-line summary and then the traceback for a bug."""
     from .codec import NonFiniteError
 
     try:
-        return args.func(args)
+        return func(args)
     except (ValueError, OSError, NonFiniteError) as error:
         # ImageError, ModelLoadError and CommandError are ValueErrors: one line, no traceback
-        print(f"latent-vae: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("latent-vae: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 -- a bug: one line first (a log shows it), then the details
-        print(f"latent-vae: internal error ({type(error).__name__}: {one_line(error)}); this is a bug, "
+        print(f"{prog}: internal error ({type(error).__name__}: {one_line(error)}); this is a bug, "
               "please report it with the traceback below", file=sys.stderr)
         traceback.print_exc()
         return EXIT_INTERNAL_ERROR

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -14,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_vae import LatentCodec, build_vae, save_vae
+from latent_vae import LatentCodec, build_vae, cli, save_vae
 from latent_vae.latents import (
     BucketBatchSampler,
     LatentInfo,
@@ -23,20 +26,13 @@ from latent_vae.latents import (
     pack,
     read_failures,
     read_summary,
-    shard_files,
     unpack,
+    verify_latents,
 )
-from latent_vae.precompute import (
-    add_precompute_arguments,
-    centre_crop,
-    make_buckets,
-    nearest_bucket,
-    precompute_latents,
-    run_precompute,
-)
+from latent_vae.precompute import centre_crop, make_buckets, nearest_bucket, precompute_latents
 
 RES = 32
-FAST = dict(num_workers=0, batch_size=2, progress=False)
+FAST = {"num_workers": 0, "batch_size": 2, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +81,10 @@ def folder(tmp_path) -> Path:
     return root
 
 
+def shard_files(path: Path) -> list[Path]:
+    return sorted((path / "data").glob("*.parquet"))
+
+
 def rows_by_key(path: Path) -> dict[str, dict]:
     """The raw stored rows, read with pyarrow (no datasets cache involved)."""
     rows = [row for shard in shard_files(path) for row in pq.read_table(shard).to_pylist()]
@@ -95,12 +95,13 @@ def test_folder_round_trip_matches_codec(model_dir, codec, folder, tmp_path):
     out = tmp_path / "latents"
     summary = precompute_latents(str(model_dir), folder, out, resolution=RES, dtype="fp32", **FAST)
     assert summary.complete and summary.rows == 4 and summary.failures == 0
+    assert verify_latents(out).ok
 
     info = LatentInfo.read(out)
     assert info.fingerprint == codec.fingerprint and info.resolution == RES
     assert info.normalization["scaling_factor"] == 2.5 and info.storage_dtype == "float32"
 
-    dataset = load_latents(out, model=str(model_dir), resolution=RES, sample=False, cache_dir=tmp_path / "cache")
+    dataset = load_latents(out, model=str(model_dir), resolution=RES, sample=False)
     assert len(dataset) == 4
     items = {item["key"]: item for item in dataset}
     assert set(items) == {"a.png", "b.jpg", "cats/c.png", "cats/d.webp"}
@@ -140,8 +141,8 @@ def test_bf16_storage_sampling_and_workers(model_dir, codec, folder, tmp_path):
     torch.testing.assert_close(std, torch.exp(0.5 * encoded.logvar[0]), atol=1e-2, rtol=1e-2)
     assert len(raw["cats/c.png"]["mean"]) == 2 * math.prod(shape)  # two bytes per value
 
-    dataset = load_latents(out, model=codec, cache_dir=tmp_path / "cache")  # sample=True by default
-    index = list(dataset.with_format(None)["key"]).index("cats/c.png")
+    dataset = load_latents(out, model=codec)  # sample=True by default
+    index = dataset.column("key").index("cats/c.png")
     draws = torch.stack([dataset[index]["latents"] for _ in range(200)])
     assert not torch.equal(draws[0], draws[1])  # a fresh sample on every read
     normalization = codec.normalization
@@ -169,7 +170,7 @@ def test_flip_stores_the_mirrored_images_latents(model_dir, codec, folder, tmp_p
     torch.testing.assert_close(unpack(row["flip_mean"], row["latent_shape"], torch.float32), mirrored, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(unpack(row["mean"], row["latent_shape"], torch.float32), mirrored, atol=1e-3)
 
-    always = load_latents(out, sample=False, flip_probability=1.0, cache_dir=tmp_path / "cache")
+    always = load_latents(out, sample=False, flip_probability=1.0)
     item = next(i for i in always if i["key"] == "cats/d.webp")
     assert item["flipped"] is True
     torch.testing.assert_close(item["latents"], codec.normalization.normalize(mirrored[None])[0], atol=1e-4, rtol=1e-4)
@@ -204,7 +205,7 @@ def test_bucketed_precompute_records_sizes_and_batches_by_shape(model_dir, tmp_p
     precompute_latents(str(model_dir), root, out, resolution=64, buckets=True, **FAST)
     info = LatentInfo.read(out)
     assert info.buckets and all(h % 16 == 0 and w % 16 == 0 for h, w in info.buckets)
-    dataset = load_latents(out, sample=False, cache_dir=tmp_path / "cache")
+    dataset = load_latents(out, sample=False)
     items = {item["key"]: item for item in dataset}
     assert items["0.png"]["target_size"] == [64, 64]
     wide, tall = items["1.png"]["target_size"], items["2.png"]["target_size"]
@@ -263,13 +264,13 @@ def test_every_kind_of_datasets_source_gives_the_same_rows(model_dir, tmp_path):
     for name, data in {"object": source, "saved": tmp_path / "saved", "parquet": str(tmp_path / "data.parquet"),
                        "arrow": str(arrow)}.items():
         out = tmp_path / f"out-{name}"
-        precompute_latents(str(model_dir), data, out, resolution=RES, key_column="id", cache_dir=str(tmp_path / "c"), **FAST)
+        precompute_latents(str(model_dir), data, out, resolution=RES, key_column="id", **FAST)
         rows = rows_by_key(out)
         results[name] = {k: (r["mean"], r["label"], r["caption"]) for k, r in rows.items()}
         assert set(rows) == {f"img-{i}" for i in range(4)}
     assert all(r == results["object"] for r in results.values())
     # Passthrough columns keep their features: the label is still a ClassLabel.
-    dataset = load_latents(tmp_path / "out-object", cache_dir=tmp_path / "cache")
+    dataset = load_latents(tmp_path / "out-object")
     assert isinstance(dataset.features["label"], datasets.ClassLabel)
     assert dataset[0]["caption"] == "caption 0"
 
@@ -280,7 +281,7 @@ def test_other_model_resolution_or_settings_are_refused(model_dir, folder, tmp_p
     other = build_vae("f16c16-tiny", seed=1)
     with pytest.raises(ValueError, match="not by the given model"):
         load_latents(out, model=other)
-    assert len(load_latents(out, model=LatentInfo.read(out).fingerprint, cache_dir=tmp_path / "c")) == 4
+    assert len(load_latents(out, model=LatentInfo.read(out).fingerprint)) == 4
     with pytest.raises(ValueError, match="not by the given model 0123456789abcdef"):
         load_latents(out, model="0123456789abcdef")
     with pytest.raises(ValueError, match="resolution 32, not 64"):
@@ -290,6 +291,10 @@ def test_other_model_resolution_or_settings_are_refused(model_dir, folder, tmp_p
         precompute_latents(str(model_dir), folder, out, resolution=RES, flip=True, **FAST)
     with pytest.raises(ValueError, match="made differently.*fingerprint"):
         precompute_latents(other, folder, out, resolution=RES, **FAST)
+    # A folder that changed: its virtual shards are positions in the sorted file list, so it is not continued.
+    random_image(40, 40, 3).save(folder / "added.png")
+    with pytest.raises(ValueError, match="made differently.*input_digest"):
+        precompute_latents(str(model_dir), folder, out, resolution=RES, **FAST)
     with pytest.raises(ValueError, match="no mirrored latents"):
         load_latents(out, flip_probability=0.5)
     (tmp_path / "occupied").mkdir()
@@ -301,40 +306,78 @@ def test_other_model_resolution_or_settings_are_refused(model_dir, folder, tmp_p
 def test_interrupted_dataset_is_refused_then_completed_exactly_once(model_dir, folder, tmp_path):
     out = tmp_path / "latents"
     random_image(8, 8, 0).save(folder / "tiny.png")  # a failure, which must not be listed twice either
-    one_per_shard = {**FAST, "batch_size": 1}
-    precompute_latents(str(model_dir), folder, out, resolution=RES, shard_size=1, **one_per_shard)
-    assert len(shard_files(out)) == 4
-    # What SIGKILL leaves behind: a half-written temporary shard, a lost shard, no summary.
-    (out / "data" / ".tmp-train-00000-00009.parquet").write_bytes(b"PAR1 half")
-    shard_files(out)[1].unlink()
-    (out / "summary.json").unlink()
-    with pytest.raises(ValueError, match="not finished"):
+    one_per_shard = {**FAST, "batch_size": 1, "shard_size": 1}
+    precompute_latents(str(model_dir), folder, out, resolution=RES, **one_per_shard)
+    # One output shard per input shard, the failed input's too (no rows, its failure in the manifest).
+    assert len(shard_files(out)) == 5 and len(list((out / "manifests").glob("*.json"))) == 5
+    # What a kill leaves behind: a shard never committed (no manifest: its half-written file stays in staging/,
+    # named after a process that is gone) and a commit cut short between its manifest and its rename.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    lost = shard_files(out)[1]
+    (out / "manifests" / f"{lost.stem}.json").unlink()
+    lost.rename(out / "staging" / f".{lost.name}.{socket.gethostname()}.{dead.stdout.strip()}.0badc0de.tmp")
+    cut = shard_files(out)[2]
+    manifest = json.loads((out / "manifests" / f"{cut.stem}.json").read_text())
+    cut.rename(out / "staging" / manifest["staged_file"])
+    with pytest.raises(ValueError, match="1 of 5 shards are not done"):
         load_latents(out)
-    summary = precompute_latents(str(model_dir), folder, out, resolution=RES, shard_size=1, **one_per_shard)
-    assert summary.encoded_this_run == 1 and summary.skipped_done == 4 and summary.complete
-    keys = [k for s in shard_files(out) for k in pq.read_table(s, columns=["key"]).column("key").to_pylist()]
-    assert sorted(keys) == ["a.png", "b.jpg", "cats/c.png", "cats/d.webp"]
+    assert len(load_latents(out, allow_incomplete=True)) == 3  # the cut-short commit is finished on reading
+    report = verify_latents(out)
+    assert not report.ok and "1 shard(s) not done" in report.problems[0]
+
+    summary = precompute_latents(str(model_dir), folder, out, resolution=RES, **one_per_shard)
+    assert summary.encoded_this_run == 1 and summary.shards_done_before == 4 and summary.complete
+    assert sorted(rows_by_key(out)) == ["a.png", "b.jpg", "cats/c.png", "cats/d.webp"]
     assert [f["key"] for f in read_failures(out)] == ["tiny.png"]
-    assert not list((out / "data").glob(".tmp-*")) and read_summary(out)["rows"] == 4
+    assert not list((out / "staging").iterdir()) and read_summary(out)["rows"] == 4 and verify_latents(out).ok
+    # A data file changed after its commit is caught by its checksum.
+    table = pq.read_table(shard_files(out)[0])
+    pq.write_table(table, shard_files(out)[0], compression="none")
+    assert any("sha256" in p for p in verify_latents(out).problems)
 
 
-def test_cli_runs_and_bad_input_is_one_line(model_dir, folder, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_precompute_arguments(parser)
+def test_cli_runs_verifies_and_bad_input_is_one_line(model_dir, folder, tmp_path, capsys):
     out = tmp_path / "latents"
-    args = parser.parse_args(["--model", str(model_dir), "--data", str(folder), "--out", str(out), "--resolution",
-                              "32", "--num-workers", "0", "--no-progress", "--dtype", "fp16"])
-    assert run_precompute(args) == 0
+    base = ["precompute", "--model", str(model_dir), "--data", str(folder), "--resolution", "32", "--num-workers", "0",
+            "--no-progress"]
+    assert cli.main([*base, "--out", str(out), "--dtype", "fp16"]) == 0
     assert "4 latents" in capsys.readouterr().out and LatentInfo.read(out).storage_dtype == "float16"
+    assert cli.main(["precompute", "--verify", str(out)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+    random_image(8, 8, 0).save(folder / "tiny.png")
+    assert cli.main([*base, "--out", str(tmp_path / "with_failure")]) == 1  # some inputs failed: each named
+    err = capsys.readouterr().err
+    assert "tiny.png: 8x8 is too small" in err and "[too_small]" in err
 
     for bad, message in [(["--data", str(tmp_path / "nowhere")], "no such file or folder"),
                          (["--model", "no-such-model"], "neither a preset"),
-                         (["--resolution", "40"], "not a multiple of the model's downsampling factor 16")]:
-        argv = ["--model", str(model_dir), "--data", str(folder), "--out", str(tmp_path / "x"), "--no-progress"] + bad
-        assert run_precompute(parser.parse_args(argv)) == 2
+                         (["--resolution", "40"], "not a multiple of the model's downsampling factor 16"),
+                         (["--verify", str(tmp_path / "nowhere")], "not a latent dataset")]:
+        argv = [*base, "--out", str(tmp_path / "x"), *bad]
+        assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err and "Traceback" not in err
-    with pytest.raises(ValueError, match="unknown precompute option 'resoluton'"):
+    assert cli.main(["precompute", "--data", str(folder)]) == 2
+    assert "--model, --out required" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown precompute option.*'resoluton'"):
         precompute_latents(str(model_dir), folder, tmp_path / "y", resoluton=32)
-    with pytest.raises(ValueError, match="no Image column"):
+    with pytest.raises(ValueError, match="no image column"):
         precompute_latents(str(model_dir), datasets.Dataset.from_dict({"x": [1]}), tmp_path / "z", **FAST)
+
+
+def test_precompute_flags_are_derived_from_the_options_dataclass():
+    from latent_vae.precompute import PrecomputeOptions
+
+    parser = argparse.ArgumentParser()
+    cli.add_precompute_arguments(parser)
+    args = parser.parse_args(["--resolution", "64", "--flip", "--no-progress", "--dtype", "fp32", "--tile-size", "128",
+                              "--claim-timeout", "9.5", "--no-channels-last"])
+    options = PrecomputeOptions(**{k: v for k, v in vars(args).items() if k in PrecomputeOptions.__dataclass_fields__})
+    assert (options.resolution, options.flip, options.progress, options.dtype) == (64, True, False, "fp32")
+    assert (options.tile_size, options.claim_timeout, options.device, options.channels_last) == (128, 9.5, None, False)
+    defaults = parser.parse_args([])
+    assert all(getattr(defaults, name) == spec.default for name, spec in PrecomputeOptions.__dataclass_fields__.items())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "fp64"])  # a Literal field's choices

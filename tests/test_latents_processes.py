@@ -1,9 +1,12 @@
-"""Latent datasets with real processes: SIGKILL mid-run then rerun, and two ranks under torchrun."""
+"""Latent datasets with real processes: SIGKILL mid-run then rerun, two concurrent runs into one --out (again
+and again, to catch a race), and two torchrun "nodes" on localhost against one process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,10 +16,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from latent_vae import build_vae, save_vae
-from latent_vae.latents import load_latents, read_failures, read_summary, shard_files
+from latent_vae.latents import (
+    load_latents,
+    read_failures,
+    read_manifests,
+    read_summary,
+    unpack,
+    verify_latents,
+)
+from latent_vae.precompute import precompute_latents
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +53,10 @@ def setup(tmp_path_factory) -> tuple[Path, Path, list[str], list[str]]:
     return model, images, sorted(good), ["broken.png", "empty.png", "small.png"]
 
 
-def command(model: Path, images: Path, out: Path) -> list[str]:
-    return ["-m", "latent_vae.precompute", "--model", str(model), "--data", str(images), "--out", str(out),
-            "--resolution", "32", "--batch-size", "2", "--shard-size", "2", "--num-workers", "1",
-            "--device", "cpu", "--no-progress"]
+def command(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["-m", "latent_vae.precompute", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--resolution", "32", "--batch-size", "2", "--shard-size", "3", "--num-workers", "1",
+            "--device", "cpu", "--no-progress", *extra]
 
 
 def environment() -> dict:
@@ -53,62 +65,121 @@ def environment() -> dict:
 
 
 def stored_keys(out: Path) -> list[str]:
-    return [k for s in shard_files(out) for k in pq.read_table(s, columns=["key"]).column("key").to_pylist()]
-
-
-def kill_after_new_shards(argv: list[str], out: Path, shards_before: int, timeout: float = 120.0) -> None:
-    """Start the command and SIGKILL it (and its DataLoader worker) once it has committed a shard more."""
-    process = subprocess.Popen([sys.executable, *argv], env=environment(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    try:
-        while len(shard_files(out)) <= shards_before:
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no shard committed in time"
-            time.sleep(0.01)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: the run and its worker, nothing else
-        except ProcessLookupError:  # it had already finished
-            pass
-        process.wait()
+    return [k for s in sorted((out / "data").glob("*.parquet"))
+            for k in pq.read_table(s, columns=["key"]).column("key").to_pylist()]
 
 
 def test_sigkill_then_rerun_holds_every_input_exactly_once(setup, tmp_path):
     model, images, good, bad = setup
     out = tmp_path / "latents"
     argv = command(model, images, out)
-    kill_after_new_shards(argv, out, 0)
-    first = stored_keys(out)
-    assert 0 < len(first) < len(good) and read_summary(out) is None  # really killed mid-run
-    kill_after_new_shards(argv, out, len(shard_files(out)))  # killed again, later on
-    assert len(stored_keys(out)) > len(first)
+    process = subprocess.Popen([sys.executable, *argv], env=environment(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while len(list((out / "manifests").glob("*.json"))) < 2:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no shard committed in time"
+            time.sleep(0.01)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: the run and its worker, nothing else
+        process.wait()
+    done_before = len(read_manifests(out))
+    assert 2 <= done_before < 15 and list((out / "claims").iterdir())  # really killed mid-run, claims left behind
 
-    done = subprocess.run([sys.executable, *argv], check=False, env=environment(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "40 latents" in done.stdout and "3 failed" in done.stdout
-    keys = stored_keys(out)
-    assert Counter(keys) == Counter(good)  # every image once, none twice
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, *argv], check=False, env=environment(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stderr  # 1: some inputs failed, each named on stderr
+    assert "40 latents" in done.stdout and "3 failed" in done.stdout and "broken.png" in done.stderr
+    # The dead run's claims (this host, its pid gone) were taken over at once, not after the claim timeout.
+    assert time.monotonic() - start < 120
+    assert Counter(stored_keys(out)) == Counter(good)  # every image once, none twice
     assert sorted(f["key"] for f in read_failures(out)) == bad  # every failure listed once
-    assert read_summary(out)["rows"] == 40
-    assert len(load_latents(out, model=str(model), resolution=32, cache_dir=tmp_path / "cache")) == 40
+    assert read_summary(out)["shards_done_before"] == done_before and verify_latents(out).ok
+    assert not list((out / "claims").iterdir()) and not list((out / "staging").iterdir())
+    assert len(load_latents(out, model=str(model), resolution=32)) == 40
 
 
-def test_two_processes_write_disjoint_shards_of_one_dataset(setup, tmp_path):
+RACE = """
+import json, sys, time
+from pathlib import Path
+from latent_vae.precompute import precompute_latents
+model, data, base, me, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+results = []
+for r in range(rounds):
+    (base / f"ready-{r}-{me}").touch()
+    deadline = time.monotonic() + 120
+    while not all((base / f"ready-{r}-{who}").exists() for who in "ab"):
+        if time.monotonic() > deadline:
+            sys.exit(f"the other run never reached round {r}")
+        time.sleep(0.001)
+    summary = precompute_latents(model, data, base / f"out-{r}", resolution=32, batch_size=2, shard_size=2,
+                                 num_workers=r % 2, device="cpu", progress=False, claim_timeout=30)
+    results.append({"complete": summary.complete, "shards": summary.shards_this_run, "rows": summary.rows})
+print(json.dumps(results))
+"""
+
+
+def test_two_concurrent_runs_into_one_out_never_duplicate_or_lose_a_row(setup, tmp_path):
+    """The old code wrote 43-44 rows for 40 inputs in 3 tries of 6: here 6 races, started together each time."""
     model, images, good, bad = setup
-    out = tmp_path / "latents"
-    # torchrun (what `accelerate launch` runs underneath): two real processes over gloo on this CPU.
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *command(model, images, out)], check=False, env=environment(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ranks = Counter(s.name.split("-")[1] for s in shard_files(out))
-    assert set(ranks) == {"00000", "00001"}  # both ranks wrote their own shards
-    per_rank = {r: {k for s in shard_files(out) if s.name.split("-")[1] == r
-                    for k in pq.read_table(s, columns=["key"]).column("key").to_pylist()} for r in ranks}
-    assert not per_rank["00000"] & per_rank["00001"]
-    assert Counter(stored_keys(out)) == Counter(good)
-    assert sorted(f["key"] for f in read_failures(out)) == bad
-    summary = read_summary(out)
-    assert summary["world_size"] == 2 and summary["encoded_this_run"] == 40
-    dataset = load_latents(out, model=str(model), cache_dir=tmp_path / "cache")
-    assert sorted(dataset.with_format(None)["key"]) == good  # reads as one dataset
+    rounds = 6
+    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(model), str(images), str(tmp_path), who, str(rounds)],
+                             env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for who in "ab"]
+    try:
+        outputs = [run.communicate(timeout=300) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()  # only if still running (a hang): never leave it behind
+    for run, (stdout, stderr) in zip(runs, outputs):
+        assert run.returncode == 0, stderr[-3000:]
+    results = [json.loads(stdout) for stdout, _ in outputs]
+    shards = -(-(len(good) + len(bad)) // 2)
+    for r in range(rounds):
+        out = tmp_path / f"out-{r}"
+        assert Counter(stored_keys(out)) == Counter(good), f"round {r}"
+        assert sorted(f["key"] for f in read_failures(out)) == bad
+        assert verify_latents(out).ok
+        # Both runs return a complete dataset, and between them every shard was committed exactly once.
+        assert all(result[r]["complete"] and result[r]["rows"] == 40 for result in results)
+        assert sum(result[r]["shards"] for result in results) == shards
+    assert all(sum(result[r]["shards"] for r in range(rounds)) > 0 for result in results)  # both did work
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_equal_one_process(setup, tmp_path):
+    model, images, good, bad = setup
+    out, single = tmp_path / "nodes", tmp_path / "single"
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               *command(model, images, out, "--dtype", "fp32")],
+                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (_, stderr) in zip(nodes, outputs):
+        assert node.returncode == 1, stderr[-3000:]  # 1: the three bad images
+    assert "world_size" in (out / "summary.json").read_text() and read_summary(out)["world_size"] == 2
+    assert len({m.pid for m in read_manifests(out).values()}) == 2  # both nodes committed shards
+
+    precompute_latents(str(model), images, single, resolution=32, batch_size=2, shard_size=3, num_workers=0,
+                       dtype="fp32", device="cpu", progress=False)
+    rows = {name: {r["key"]: r for s in sorted((path / "data").glob("*.parquet")) for r in pq.read_table(s).to_pylist()}
+            for name, path in (("nodes", out), ("single", single))}
+    assert sorted(rows["nodes"]) == sorted(rows["single"]) == good
+    for key, row in rows["single"].items():  # the same fp32 latents (up to summation order in other batches)
+        shape = row["latent_shape"]
+        torch.testing.assert_close(unpack(rows["nodes"][key]["mean"], shape, torch.float32),
+                                   unpack(row["mean"], shape, torch.float32), atol=1e-5, rtol=1e-5)
+    assert read_failures(out) and sorted(f["key"] for f in read_failures(out)) == bad
