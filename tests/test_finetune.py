@@ -60,8 +60,7 @@ def test_converted_model_codes_calibrates_precomputes_and_fine_tunes_with_a_froz
     latents_dir = tmp_path / "latents"
     assert cli(["precompute", "--model", str(source), "--data", str(image_folder), "--out", str(latents_dir),
                 "--resolution", "32", "--dtype", "fp32", "--num-workers", "0", "--no-progress"]) == 0
-    before = {item["key"]: item["latents"] for item in load_latents(latents_dir, model=str(source), sample=False,
-                                                                     cache_dir=tmp_path / "cache")}
+    before = {item["key"]: item["latents"] for item in load_latents(latents_dir, model=str(source), sample=False)}
 
     config = load_config("tiny_test", {"data": str(image_folder), "output_dir": str(tmp_path / "run"),
                                        "model": str(source), "freeze_encoder": True, "max_steps": 3,
@@ -86,7 +85,7 @@ def test_converted_model_codes_calibrates_precomputes_and_fine_tunes_with_a_froz
     # the source model (or its recorded fingerprint); the fine-tuned codec decodes them and re-encodes to them.
     with pytest.raises(ValueError, match="not by the given model"):
         load_latents(latents_dir, model=str(exported))
-    dataset = load_latents(latents_dir, model=record["source_fingerprint"], sample=False, cache_dir=tmp_path / "cache")
+    dataset = load_latents(latents_dir, model=record["source_fingerprint"], sample=False)
     source_codec = LatentCodec.from_pretrained(source, tile_size=None)
     new_codec = LatentCodec.from_pretrained(exported, tile_size=None)
     for item in dataset:
