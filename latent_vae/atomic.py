@@ -7,6 +7,7 @@ The pattern is always the same: write beside the target under a temporary name, 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -89,3 +90,13 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_path(path.parent)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB blocks: recorded when a file is written, compared when it
+    is read back, it tells a complete file from a truncated or damaged one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

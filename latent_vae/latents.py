@@ -34,7 +34,6 @@ slow) one commits and the other drops its copy; the data file is renamed into pl
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
 import os
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import file_sha256
 from .dtypes import dtype_name, resolve_dtype  # noqa: F401  (dtype_name: for the writer of latents.json)
 from .stats import LatentNormalization
 
@@ -244,14 +244,6 @@ def output_features(passthrough, flip: bool):
     features.update({LATENT_SHAPE: ints, ORIGINAL_SIZE: ints, CROP_TOP_LEFT: ints, TARGET_SIZE: ints})
     features.update(passthrough)
     return datasets.Features(features)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:

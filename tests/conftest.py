@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,26 @@ def tiny_codec():
 
     torch.manual_seed(0)
     return LatentCodec.from_pretrained(TINY, seed=0, device="cpu", tile_size=None)
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """A fresh Accelerate state for each training run, as a new process would have (its state is a
+    process-wide singleton)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="module")
+def training_images(tmp_path_factory) -> Path:
+    """Six small smooth random images of different sizes: something a tiny VAE starts to learn in a few steps."""
+    folder = tmp_path_factory.mktemp("training_images")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        small = rng.random((6, 6, 3)) * 255
+        image = Image.fromarray(small.astype(np.uint8)).resize((48 + 8 * i, 56), Image.BICUBIC)
+        image.save(folder / f"img{i}.png")
+    return folder

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from test_convert import LDMAutoencoder, lightning_checkpoint
 
@@ -17,12 +16,8 @@ from training.config import load_config, parse_args
 from training.frozen_encoder import encoder_digest
 from training.train_vae import main as train
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+# Every test here runs training in this process: each starts from a fresh Accelerate state.
+pytestmark = pytest.mark.usefixtures("fresh_accelerator")
 
 
 @pytest.fixture

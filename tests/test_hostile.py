@@ -374,13 +374,6 @@ def test_no_traceback_reaches_a_script_that_runs_the_command(tmp_path, photos):
 # -- training ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_accelerator():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture(scope="module")
 def train_images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("train_images")

@@ -11,12 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from PIL import Image
 from safetensors.torch import load_file
 
 import training.losses as losses_module
@@ -25,6 +22,10 @@ from latent_vae import build_vae
 from training.config import load_config
 from training.losses import AutoencoderWithLoss, LossWeights, PatchDiscriminator, generator_objective
 from training.lpips import LPIPS
+
+# Every test here runs training in this process: each starts from a fresh Accelerate state.
+pytestmark = pytest.mark.usefixtures("fresh_accelerator")
+
 
 DISC_START = 5
 
@@ -122,23 +123,6 @@ def test_generator_gradient_is_ldms_over_the_pixel_values(setup, precision, step
 # -- fp16 with a gradient scaler, simulated on CPU (fp16 autocast runs on CPU; Accelerate gives no scaler there) --
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        image = Image.fromarray((rng.random((6, 6, 3)) * 255).astype(np.uint8)).resize((48 + 8 * i, 56), Image.BICUBIC)
-        image.save(folder / f"img{i}.png")
-    return folder
-
-
 def cpu_fp16(monkeypatch, **scaler_options) -> None:
     """train_vae's Accelerator with fp16 autocast and a real GradScaler on CPU, as Accelerate sets them up on a GPU."""
 
@@ -155,18 +139,18 @@ def run_state(out: Path, step: int) -> dict:
     return json.loads((out / f"checkpoint-{step:07d}" / "trainer_state.json").read_text())
 
 
-def tiny_fp16(images: Path, out: Path, **overrides):
-    return load_config("tiny_test", {"data": str(images), "output_dir": str(out), "mixed_precision": "fp16",
+def tiny_fp16(training_images: Path, out: Path, **overrides):
+    return load_config("tiny_test", {"data": str(training_images), "output_dir": str(out), "mixed_precision": "fp16",
                                      "disc_start": 0, "validate_every": 0, "checkpoint_every": 0, **overrides})
 
 
-def test_fp16_overflow_at_a_huge_loss_scale_backs_off_and_the_run_goes_on(images, tmp_path, monkeypatch):
+def test_fp16_overflow_at_a_huge_loss_scale_backs_off_and_the_run_goes_on(training_images, tmp_path, monkeypatch):
     """Gradients (and the adaptive weight's) overflow at a loss scale of 2**20: each overflow skips the generator's
     step and halves the scale, none counts towards max_nonfinite_steps (2 here), and once the scale is low enough
     the run trains, to finite weights."""
     cpu_fp16(monkeypatch, init_scale=2.0**20)
     out = tmp_path / "run"
-    train_module.main(tiny_fp16(images, out, max_steps=8, max_nonfinite_steps=2))
+    train_module.main(tiny_fp16(training_images, out, max_steps=8, max_nonfinite_steps=2))
     state = run_state(out, 8)
     overflows = state["overflow_skipped"]
     assert 2 <= overflows < 8 and state["nonfinite_skipped"] == 0
@@ -176,7 +160,7 @@ def test_fp16_overflow_at_a_huge_loss_scale_backs_off_and_the_run_goes_on(images
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint-0000008" / "vae.safetensors")).values())
 
 
-def test_fp16_nonfinite_adaptive_weight_is_an_overflow_and_the_scaler_updates_once_per_step(images, tmp_path,
+def test_fp16_nonfinite_adaptive_weight_is_an_overflow_and_the_scaler_updates_once_per_step(training_images, tmp_path,
                                                                                            monkeypatch):
     """A NaN adaptive weight alone (finite loss) skips that step and backs the scale off; with a growth interval of 1
     the final scale shows exactly one update per iteration, although two optimisers step."""
@@ -191,14 +175,14 @@ def test_fp16_nonfinite_adaptive_weight_is_an_overflow_and_the_scaler_updates_on
     monkeypatch.setattr(losses_module, "adaptive_weight", nan_on_second_call)
     cpu_fp16(monkeypatch, init_scale=2.0**8, growth_interval=1)
     out = tmp_path / "run"
-    train_module.main(tiny_fp16(images, out, max_steps=4, max_nonfinite_steps=1))
+    train_module.main(tiny_fp16(training_images, out, max_steps=4, max_nonfinite_steps=1))
     state = run_state(out, 4)
     assert calls["n"] == 4 and state["overflow_skipped"] == 1 and state["nonfinite_skipped"] == 0
     assert state["scaler"]["scale"] == 2.0**8 * 2.0**3 / 2.0  # 3 growths, 1 back-off: 4 updates in 4 steps
     assert state["scheduler"]["last_epoch"] == 3  # the skipped step did not advance the schedule
 
 
-def test_nonfinite_adaptive_weight_without_a_scaler_skips_the_step(images, tmp_path, monkeypatch):
+def test_nonfinite_adaptive_weight_without_a_scaler_skips_the_step(training_images, tmp_path, monkeypatch):
     real = losses_module.adaptive_weight
     calls = {"n": 0}
 
@@ -209,7 +193,7 @@ def test_nonfinite_adaptive_weight_without_a_scaler_skips_the_step(images, tmp_p
 
     monkeypatch.setattr(losses_module, "adaptive_weight", nan_on_second_call)
     out = tmp_path / "run"
-    train_module.main(load_config("tiny_test", {"data": str(images), "output_dir": str(out), "disc_start": 0,
+    train_module.main(load_config("tiny_test", {"data": str(training_images), "output_dir": str(out), "disc_start": 0,
                                                 "max_steps": 3, "validate_every": 0, "checkpoint_every": 0}))
     state = run_state(out, 3)
     assert state["nonfinite_skipped"] == 1 and state["overflow_skipped"] == 0

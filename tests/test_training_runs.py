@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from diffusers import AutoencoderKL
-from PIL import Image
 from safetensors.torch import load_file
 
 import training.checkpoint as checkpoint_module
@@ -21,30 +18,19 @@ from training.data import ImageSource
 from training.losses import AutoencoderWithLoss
 from training.train_vae import main
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator():
-    """A fresh Accelerate state per run, as a new process would have (its state is a process-wide singleton)."""
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+# Every test here runs training in this process: each starts from a fresh Accelerate state.
+pytestmark = pytest.mark.usefixtures("fresh_accelerator")
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        # Smooth random images: something a tiny VAE can start to learn in a few steps.
-        small = rng.random((6, 6, 3)) * 255
-        image = Image.fromarray(small.astype(np.uint8)).resize((48 + 8 * i, 56), Image.BICUBIC)
-        image.save(folder / f"img{i}.png")
-    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff broken jpeg")
-    return folder
+def training_images(training_images: Path) -> Path:
+    """The shared training images plus a corrupt JPEG, which every run must skip and count."""
+    (training_images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff broken jpeg")
+    return training_images
 
 
-def tiny(images: Path, out: Path, **overrides):
-    return load_config("tiny_test", {"data": str(images), "output_dir": str(out), **overrides})
+def tiny(training_images: Path, out: Path, **overrides):
+    return load_config("tiny_test", {"data": str(training_images), "output_dir": str(out), **overrides})
 
 
 def weights(folder: Path, name: str = "vae.safetensors") -> dict[str, torch.Tensor]:
@@ -57,9 +43,9 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
     assert worst <= atol, f"weights differ by up to {worst}"
 
 
-def test_a_run_leaves_a_calibrated_diffusers_model_checkpoints_logs_and_grids(images, tmp_path):
+def test_a_run_leaves_a_calibrated_diffusers_model_checkpoints_logs_and_grids(training_images, tmp_path):
     out = tmp_path / "run"
-    exported = main(tiny(images, out, report_to="tensorboard", max_steps=4, keep_checkpoints=1))
+    exported = main(tiny(training_images, out, report_to="tensorboard", max_steps=4, keep_checkpoints=1))
     assert exported == out / "vae"
     codec = LatentCodec.from_pretrained(exported)
     vae = AutoencoderKL.from_pretrained(exported)
@@ -77,11 +63,11 @@ def test_a_run_leaves_a_calibrated_diffusers_model_checkpoints_logs_and_grids(im
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
-def test_resume_continues_exactly(images, tmp_path):
+def test_resume_continues_exactly(training_images, tmp_path):
     # GAN on from step 2, so the resumed half also exercises the discriminator's restored state.
-    main(tiny(images, tmp_path / "straight", max_steps=4, checkpoint_every=0))
-    main(tiny(images, tmp_path / "split", max_steps=2, checkpoint_every=0))
-    main(tiny(images, tmp_path / "split", max_steps=4, checkpoint_every=0, resume="latest"))
+    main(tiny(training_images, tmp_path / "straight", max_steps=4, checkpoint_every=0))
+    main(tiny(training_images, tmp_path / "split", max_steps=2, checkpoint_every=0))
+    main(tiny(training_images, tmp_path / "split", max_steps=4, checkpoint_every=0, resume="latest"))
     straight, split = tmp_path / "straight" / "checkpoint-0000004", tmp_path / "split" / "checkpoint-0000004"
     for name in ("vae.safetensors", "ema.safetensors", "discriminator.safetensors"):
         assert_same(weights(straight, name), weights(split, name))
@@ -89,7 +75,7 @@ def test_resume_continues_exactly(images, tmp_path):
     assert state["scheduler"]["last_epoch"] == 4
 
 
-def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(images, tmp_path, monkeypatch):
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(training_images, tmp_path, monkeypatch):
     real_save_file = checkpoint_module.save_file
 
     def dies_in_second_checkpoint(tensors, path, *args, **kwargs):
@@ -101,18 +87,18 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(i
     monkeypatch.setattr(checkpoint_module, "save_file", dies_in_second_checkpoint)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        main(tiny(images, out, max_steps=6))
+        main(tiny(training_images, out, max_steps=6))
     assert (out / "latest").read_text() == "checkpoint-0000002"
     assert (out / ".checkpoint-0000004.tmp").exists() and not (out / "checkpoint-0000004").exists()
 
     monkeypatch.setattr(checkpoint_module, "save_file", real_save_file)
-    main(tiny(images, out, max_steps=6, resume="latest"))
+    main(tiny(training_images, out, max_steps=6, resume="latest"))
     assert not list(out.glob(".checkpoint-*.tmp"))  # the half-written one is cleaned up
-    main(tiny(images, tmp_path / "straight", max_steps=6))
+    main(tiny(training_images, tmp_path / "straight", max_steps=6))
     assert_same(weights(out / "checkpoint-0000006"), weights(tmp_path / "straight" / "checkpoint-0000006"))
 
 
-def test_nonfinite_losses_are_skipped_counted_and_stop_the_run_when_they_persist(images, tmp_path, monkeypatch):
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run_when_they_persist(training_images, tmp_path, monkeypatch):
     real_forward = AutoencoderWithLoss.forward
     calls = {"n": 0, "poison": {2}}
 
@@ -125,27 +111,27 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run_when_they_persist
 
     monkeypatch.setattr(AutoencoderWithLoss, "forward", sometimes_nan)
     out = tmp_path / "one"
-    main(tiny(images, out, max_steps=3, disc_weight=0.0, validate_every=0, checkpoint_every=0))
+    main(tiny(training_images, out, max_steps=3, disc_weight=0.0, validate_every=0, checkpoint_every=0))
     state = json.loads((out / "checkpoint-0000003" / "trainer_state.json").read_text())
     assert state["nonfinite_skipped"] == 1 and state["nonfinite_in_a_row"] == 0
     assert all(torch.isfinite(v).all() for v in weights(out / "checkpoint-0000003").values())
 
     calls.update(n=0, poison=set(range(1, 100)))
     with pytest.raises(RuntimeError, match="NaN or inf 3 times in a row"):
-        main(tiny(images, tmp_path / "many", max_steps=10, max_nonfinite_steps=3, disc_weight=0.0))
+        main(tiny(training_images, tmp_path / "many", max_steps=10, max_nonfinite_steps=3, disc_weight=0.0))
 
 
-def test_gradient_accumulation_matches_the_larger_batch(images, tmp_path):
+def test_gradient_accumulation_matches_the_larger_batch(training_images, tmp_path):
     # Same images in the same order, same noise stream: 2 x 2 accumulated == one batch of 4.
     common = {"max_steps": 2, "disc_weight": 0.0, "validate_every": 0, "checkpoint_every": 0, "max_grad_norm": 0.0}
-    main(tiny(images, tmp_path / "big", batch_size=4, **common))
-    main(tiny(images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
+    main(tiny(training_images, tmp_path / "big", batch_size=4, **common))
+    main(tiny(training_images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
               **common))
     assert_same(weights(tmp_path / "big" / "checkpoint-0000002"), weights(tmp_path / "accum" / "checkpoint-0000002"),
                 atol=1e-5)
 
 
-def test_gan_with_gradient_accumulation_matches_the_larger_batch(images, tmp_path):
+def test_gan_with_gradient_accumulation_matches_the_larger_batch(training_images, tmp_path):
     """GAN on from the first step, its adaptive weight at the clamp (so it does not depend on the batch): 2 x 2
     accumulated images (with gradient checkpointing, which the adaptive weight's autograd.grad must go through) give
     the generator and the discriminator the same steps as one batch of 4. (Unclamped, the
@@ -153,18 +139,18 @@ def test_gan_with_gradient_accumulation_matches_the_larger_batch(images, tmp_pat
     without the GAN.)"""
     common = {"max_steps": 2, "disc_start": 0, "adaptive_weight_max": 100.0, "validate_every": 0,
               "checkpoint_every": 0, "max_grad_norm": 0.0}
-    main(tiny(images, tmp_path / "big", batch_size=4, **common))
-    main(tiny(images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
+    main(tiny(training_images, tmp_path / "big", batch_size=4, **common))
+    main(tiny(training_images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
               **common))
     big, accum = tmp_path / "big" / "checkpoint-0000002", tmp_path / "accum" / "checkpoint-0000002"
     for name in ("vae.safetensors", "discriminator.safetensors", "ema.safetensors"):
         assert_same(weights(big, name), weights(accum, name), atol=1e-4)  # float noise grown by Adam (lr 1e-3): up to 3e-5
-    main(tiny(images, tmp_path / "no_gan", batch_size=4, **{**common, "disc_weight": 0.0}))
+    main(tiny(training_images, tmp_path / "no_gan", batch_size=4, **{**common, "disc_weight": 0.0}))
     with pytest.raises(AssertionError):  # the GAN term did move the generator
         assert_same(weights(big), weights(tmp_path / "no_gan" / "checkpoint-0000002"), atol=1e-4)
 
 
-def test_without_validation_data_the_run_validates_on_held_out_images_it_never_trains_on(images, tmp_path,
+def test_without_validation_data_the_run_validates_on_held_out_images_it_never_trains_on(training_images, tmp_path,
                                                                                         monkeypatch):
     real_load, real_validation_crops = ImageSource.load, train_module.validation_crops
     loaded, phase = [], {"training": False}
@@ -182,20 +168,20 @@ def test_without_validation_data_the_run_validates_on_held_out_images_it_never_t
     monkeypatch.setattr(ImageSource, "load", recording_load)
     monkeypatch.setattr(train_module, "validation_crops", validation_then_training)
     out = tmp_path / "run"
-    main(tiny(images, out, max_steps=6, disc_weight=0.0, checkpoint_every=0))
+    main(tiny(training_images, out, max_steps=6, disc_weight=0.0, checkpoint_every=0))
     held_out = json.loads((out / "checkpoint-0000006" / "trainer_state.json").read_text())["validation_held_out"]
-    everything = {str(p) for p in images.iterdir()}
+    everything = {str(p) for p in training_images.iterdir()}
     assert len(held_out) == 2 and set(held_out) < everything
     assert set(loaded) == everything - set(held_out)  # 12 training samples read all the others, never these
 
 
-def test_bf16_autocast_trains_with_fp32_master_weights_and_fp16_on_cpu_is_refused(images, tmp_path):
+def test_bf16_autocast_trains_with_fp32_master_weights_and_fp16_on_cpu_is_refused(training_images, tmp_path):
     out = tmp_path / "bf16"
-    main(tiny(images, out, max_steps=2, mixed_precision="bf16", validate_every=0))
+    main(tiny(training_images, out, max_steps=2, mixed_precision="bf16", validate_every=0))
     saved = weights(out / "checkpoint-0000002")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
-        main(tiny(images, tmp_path / "fp16", mixed_precision="fp16"))
+        main(tiny(training_images, tmp_path / "fp16", mixed_precision="fp16"))
 
 
 def test_the_readme_demo_trains_then_scores_the_held_out_photo(tmp_path):

@@ -17,7 +17,6 @@ skipped and why. Only our own files are read, and pickles only with `weights_onl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from latent_vae.atomic import atomic_write_text, fsync_path
+from latent_vae.atomic import atomic_write_text, file_sha256, fsync_path
 
 PREFIX = "checkpoint-"
 LATEST = "latest"  # the newest checkpoint's name, for people and scripts; resuming checks the folders themselves
@@ -46,17 +45,9 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """Record every file's size and SHA-256, so that a later resume can tell an intact checkpoint from a damaged one."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1))
 
@@ -77,7 +68,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             actual = path.stat().st_size
             if actual != size:
                 return f"{name} is {actual} bytes, {size} were written"
-            if _sha256(path) != sha256:
+            if file_sha256(path) != sha256:
                 return f"{name} is damaged (its SHA-256 is not the one recorded when it was written)"
         except FileNotFoundError:
             return f"{name} is missing"
