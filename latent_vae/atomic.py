@@ -3,6 +3,8 @@ the new one under its name, never a half-written one.
 
 The pattern is always the same: write beside the target under a temporary name, flush it to disk
 (fsync), rename over the target (atomic on POSIX), then fsync the folder so the rename itself survives.
+A file's temporary name is unique to the writing process, so concurrent writers (several precompute
+runs on one output folder, on several hosts) never write into each other's temporary file.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +31,13 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
+def unique_tmp_path(path: str | os.PathLike) -> Path:
+    """A hidden temporary name beside `path`, unique to this process: `.NAME.HOST.PID.RANDOM.tmp` (the host
+    and pid let a later run tell a dead writer's leftovers from a live writer's file)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
 def _fsync_tree(folder: Path) -> None:
     for root, _, files in os.walk(folder):
         for name in files:
@@ -39,7 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path` for any writer (safetensors, parquet, PIL, ...); when the
     block ends without an error the file is fsynced and renamed to `path`, else it is removed."""
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = unique_tmp_path(path)
     try:
         yield tmp
         fsync_path(tmp)
@@ -60,6 +71,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def publish_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Write `text` to `path` only if no one has: the whole file or nothing, and of several concurrent
+    writers exactly one wins (a hard link fails when the name exists, where a rename would silently
+    replace it). True if this call wrote it."""
+    path = Path(path)
+    tmp = unique_tmp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        fsync_path(tmp)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+    return True
 
 
 @contextmanager

@@ -39,7 +39,6 @@ import math
 import os
 import random
 import socket
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import file_sha256
+from .atomic import file_sha256, fsync_path, publish_exclusive, unique_tmp_path
 from .dtypes import dtype_name, resolve_dtype  # noqa: F401  (dtype_name: for the writer of latents.json)
 from .stats import LatentNormalization
 
@@ -186,50 +185,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# -- writing files safely among concurrent processes --------------------------------------------------------------
-
-
-def _unique_tmp(path: Path) -> Path:
-    """A hidden temporary name beside `path`, unique to this process: concurrent writers never share one."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_text_replacing(path: Path, text: str) -> None:
-    """Atomic write whose temporary name is unique to the process (two runs may write the same summary at once)."""
-    tmp = _unique_tmp(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
-
-
-def publish_exclusive(path: Path, text: str) -> bool:
-    """Write `text` to `path` only if no one has: complete file or nothing, and of several concurrent writers
-    exactly one wins (a hard link fails when the name exists; a rename would silently replace). True if we won."""
-    tmp = _unique_tmp(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _fsync(tmp)
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
-    return True
-
-
 # -- writing shards ------------------------------------------------------------------------------------------
 
 
@@ -254,7 +209,7 @@ class ShardWriter:
         import pyarrow.parquet as pq
 
         self.name, self.schema = name, features.arrow_schema
-        self.staged = _unique_tmp(out / STAGING_DIR / f"{name}.parquet")
+        self.staged = unique_tmp_path(out / STAGING_DIR / f"{name}.parquet")
         self._writer = pq.ParquetWriter(str(self.staged), self.schema)
         self._buffer: list[dict] = []
         self._group_rows: int | None = None
@@ -280,7 +235,7 @@ class ShardWriter:
         """(staged file, sha256): complete and on disk."""
         self._flush()
         self._writer.close()
-        _fsync(self.staged)
+        fsync_path(self.staged)
         return self.staged, file_sha256(self.staged)
 
     def abort(self) -> None:
@@ -326,7 +281,7 @@ def commit_shard(out: Path, manifest: Manifest, staged: Path) -> bool:
     except FileNotFoundError:
         if not data.is_file():  # not a reader finishing our commit for us (shard_state): really lost
             raise
-    _fsync(out / DATA_DIR)
+    fsync_path(out / DATA_DIR)
     return True
 
 

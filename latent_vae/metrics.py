@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-
 SSIM_WINDOW = 11  # pixels: the Gaussian window of `ssim`; smaller images have no SSIM
 
 

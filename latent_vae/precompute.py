@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from . import latents as fmt
+from .atomic import atomic_write_text
 from .claims import HOST, Claims, Heartbeat, Owner
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from .sources import Source, open_source
@@ -543,8 +544,8 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         complete=counts.complete)
     if state.is_main_process:
         failures = fmt.read_failures(out)
-        fmt.write_text_replacing(out / fmt.FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
-        fmt.write_text_replacing(out / fmt.SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
+        atomic_write_text(out / fmt.FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
+        atomic_write_text(out / fmt.SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
     return summary
 
 
