@@ -112,7 +112,7 @@ class LatentCodec:
         self.normalization = LatentNormalization.from_config(vae.config)
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, *, seed: int | None = None, **kwargs) -> "LatentCodec":
+    def from_pretrained(cls, source: str | os.PathLike, *, seed: int | None = 0, **kwargs) -> "LatentCodec":
         """A codec around `latent_vae.load_vae(source)`: a preset name, a model folder or a .safetensors file."""
         return cls(load_vae(source, seed=seed), **kwargs)
 

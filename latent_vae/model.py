@@ -31,8 +31,9 @@ class ModelLoadError(ValueError):
     """A model source that cannot be loaded; the message says why and what to do."""
 
 
-def build_vae(preset: str | VAEPreset = "f16c16", *, seed: int | None = None) -> AutoencoderKL:
-    """Fresh (untrained) weights for a preset; `seed` makes them reproducible."""
+def build_vae(preset: str | VAEPreset = "f16c16", *, seed: int | None = 0) -> AutoencoderKL:
+    """Fresh (untrained) weights for a preset, the same for the same `seed` in every process (so a preset
+    name means one model to precompute, load_latents and every rank); None draws from torch's global generator."""
     spec = get_preset(preset) if isinstance(preset, str) else preset
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -152,7 +153,7 @@ def model_folder(path: Path) -> Path | None:
     return None
 
 
-def load_vae(source: str | os.PathLike, *, seed: int | None = None) -> AutoencoderKL:
+def load_vae(source: str | os.PathLike, *, seed: int | None = 0) -> AutoencoderKL:
     """A VAE from a preset name (fresh weights), a diffusers folder, or a single `.safetensors` file.
 
     Folders may be a model folder (config.json + safetensors) or a pipeline folder with a `vae/`
