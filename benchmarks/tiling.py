@@ -167,7 +167,7 @@ def main(args: argparse.Namespace) -> None:
         for size in args.sizes:
             for direction in ("encode", "decode"):
                 outputs = {}
-                for method in METHODS:
+                for method in args.methods:
                     path = scratch / f"{preset}-{size}-{direction}-{method}.safetensors"
                     result = spawn(args, model=preset, size=size, direction=direction, method=method,
                                    tile_size=args.tile_size, max_memory=args.max_memory, image=args.image,
@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> None:
                         path.unlink()
                     if method != "whole" and method in outputs and "whole" in outputs:
                         row.update(errors(outputs[method], outputs["whole"]))
-                    if "whole" in outputs and row.get("seconds") and rows and method != "whole":
+                    if "whole" in outputs and row.get("seconds") and method != "whole":
                         whole_row = next(r for r in rows[::-1] if r["method"] == "whole")
                         row["x_whole_time"] = row["seconds"] / whole_row["seconds"] if whole_row["seconds"] else None
                     rows.append(row)
@@ -196,7 +196,7 @@ def main(args: argparse.Namespace) -> None:
              f"forced to keep or recompute; diffusers: enable_tiling() with {DIFFUSERS_TILE}-px tiles, 25% overlap. "
              f"Weights: {args.model_note}. Each case a fresh process (peak = the process's peak resident set, "
              "model and input included). The CPU is shared with other jobs: compare times within this run only.")
-    write_results(result_name(NAME, device), rows, notes=notes,
+    write_results(result_name(args.name, device), rows, notes=notes,
                   columns=["model", "size", "direction", "method", "seconds", "x_whole_time", "peak_MiB", "max_err",
                            "mean_err", "rel_l2", "plan"])
 
@@ -218,6 +218,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_device_args(parser)
     parser.add_argument("--presets", nargs="+", default=["f16c16", "f8c4"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--name", default=NAME, help="results file stem (default: tiling)")
     parser.add_argument("--tile-size", type=int, default=512, help="exact tiles' side in pixels (default: 512)")
     parser.add_argument("--max-memory", default="7GiB", help="budget for --decode-4096 and the budget method")
     parser.add_argument("--image", default=None, help="a photo to encode (enlarged); default: uniform noise")

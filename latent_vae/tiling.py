@@ -148,13 +148,16 @@ class Norm(Op):
         mean, rstd = ctx.stats[self]
         n, c = x.shape[:2]
         per_channel = c // self.norm.num_groups
+        # (x - mean) * scale + bias, as GroupNorm computes it: x * scale + shift would cancel large terms
+        mean = mean.repeat_interleave(per_channel, 1).to(x.dtype).view(n, c, 1, 1)
         scale = rstd.repeat_interleave(per_channel, 1)
-        shift = -mean.repeat_interleave(per_channel, 1) * scale
         if self.norm.affine:
             scale = scale * self.norm.weight
-            shift = shift * self.norm.weight + self.norm.bias
-        scale, shift = scale.to(x.dtype).view(n, c, 1, 1), shift.to(x.dtype).view(n, c, 1, 1)
-        out = x.mul_(scale).add_(shift) if inplace else torch.addcmul(shift, x, scale)
+        scale = scale.to(x.dtype).view(n, c, 1, 1)
+        out = x.sub_(mean) if inplace else x - mean
+        out.mul_(scale)
+        if self.norm.affine:
+            out.add_(self.norm.bias.view(1, c, 1, 1))
         return F.silu(out, inplace=True) if self.silu else out
 
 
