@@ -135,7 +135,8 @@ def seam_figure(whole: torch.Tensor, diffusers: torch.Tensor, exact: torch.Tenso
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    y, x, half = tile, tile, 96  # a corner where four diffusers tiles meet (their first seam)
+    y = x = tile * 7 // 8  # inside the blend band where four of diffusers' tiles meet (stride 3/4 tile)
+    half = 96
     def crop(t):
         return t[0, :, y - half : y + half, x - half : x + half].permute(1, 2, 0).clamp(-1, 1).add(1).div(2).numpy()
     def err(t):
@@ -161,11 +162,11 @@ def main(args: argparse.Namespace) -> None:
     device, dtype = device_and_dtype(args)
     if args.decode_4096:
         return decode_4096(args, device)
-    rows, keep = [], {}
+    rows, drawn = [], False
     scratch = Path(tempfile.mkdtemp(prefix="tiling-bench-"))
     for preset in args.presets:
         for size in args.sizes:
-            for direction in ("encode", "decode"):
+            for direction in args.directions:
                 outputs = {}
                 for method in args.methods:
                     path = scratch / f"{preset}-{size}-{direction}-{method}.safetensors"
@@ -185,13 +186,16 @@ def main(args: argparse.Namespace) -> None:
                         row["x_whole_time"] = row["seconds"] / whole_row["seconds"] if whole_row["seconds"] else None
                     rows.append(row)
                     print(row, flush=True)
-                if direction == "decode" and {"whole", "diffusers", "recompute"} <= set(outputs):
-                    keep[(preset, size)] = outputs
-    if keep:
-        (preset, size), outputs = next(iter(keep.items()))
-        seam_figure(outputs["whole"], outputs["diffusers"], outputs["recompute"], DIFFUSERS_TILE,
-                    result_name(f"{NAME}_seams", device),
-                    f"{preset} decode at {size}x{size} ({args.model_note}): a corner of diffusers' {DIFFUSERS_TILE}-px tiles")
+                    write(args, device, rows)  # after every case, so that a cut-short run still leaves its rows
+                if direction == "decode" and {"whole", "diffusers", "recompute"} <= set(outputs) and not drawn:
+                    drawn = True
+                    seam_figure(outputs["whole"], outputs["diffusers"], outputs["recompute"], DIFFUSERS_TILE,
+                                result_name(f"{args.name}_seams", device),
+                                f"{preset} decode at {size}x{size} ({args.model_note}): where four of diffusers' "
+                                f"{DIFFUSERS_TILE}-px tiles meet")
+
+
+def write(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
     notes = (f"{device_label(device)}, {args.dtype}. Exact tiles: {args.tile_size}-px tiles, every tileable segment "
              f"forced to keep or recompute; diffusers: enable_tiling() with {DIFFUSERS_TILE}-px tiles, 25% overlap. "
              f"Weights: {args.model_note}. Each case a fresh process (peak = the process's peak resident set, "
@@ -218,6 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_device_args(parser)
     parser.add_argument("--presets", nargs="+", default=["f16c16", "f8c4"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048])
+    parser.add_argument("--directions", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--name", default=NAME, help="results file stem (default: tiling)")
     parser.add_argument("--tile-size", type=int, default=512, help="exact tiles' side in pixels (default: 512)")

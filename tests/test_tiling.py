@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -156,3 +157,44 @@ def test_enable_exact_tiling_inside_a_diffusers_pipeline():
     with torch.inference_mode():
         pipe_images = pipe.vae.decode(seen[0]).sample.clamp(-1, 1).div(2).add(0.5)
     assert_same(pipe_images, codec_images)
+
+
+def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tmp_path):
+    """The same photo: `latent-vae encode` in forced exact tiles and `precompute` (whole, at the photo's own size,
+    so nothing is resized) give the same latent; `latent-vae decode` of it equals a diffusers-style
+    `vae.decode` with enable_exact_tiling."""
+    from PIL import Image
+
+    from latent_vae import load_vae, precompute_latents, save_vae
+    from latent_vae.cli import main
+    from latent_vae.latent_files import load_latent_file
+    from latent_vae.latents import load_latents
+
+    side = 128
+    vae = build_vae("f16c16-tiny", seed=0)
+    vae.register_to_config(scaling_factor=2.5, shift_factor=0.1)
+    model_dir = save_vae(vae, tmp_path / "model")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = ((smooth(1, side, side, seed=3)[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    Image.fromarray(pixels).save(photos / "photo.png")
+    assert main(["encode", str(photos / "photo.png"), "--model", str(model_dir), "--out", str(tmp_path / "enc"),
+                 "--tile-size", "48", "--device", "cpu"]) == 0
+    cli_latent = load_latent_file(tmp_path / "enc" / "photo.safetensors").latents
+    precompute_latents(str(model_dir), photos, tmp_path / "pre", resolution=side, dtype="fp32", num_workers=0,
+                       progress=False)
+    dataset = load_latents(tmp_path / "pre", model=str(model_dir), resolution=side, sample=False,
+                           cache_dir=tmp_path / "cache")
+    pre_latent = next(iter(dataset))["latents"]
+    assert cli_latent.shape == pre_latent.shape == (16, side // 16, side // 16)
+    assert (cli_latent - pre_latent).abs().max().item() <= REORDER * pre_latent.abs().max().item() + 1e-6
+
+    assert main(["decode", str(tmp_path / "enc" / "photo.safetensors"), "--model", str(model_dir), "--out",
+                 str(tmp_path / "dec"), "--device", "cpu"]) == 0
+    cli_image = torch.from_numpy(np.array(Image.open(tmp_path / "dec" / "photo.png"))).float()
+    pipe_vae = enable_exact_tiling(load_vae(model_dir), tile_size=48, strategy="keep")
+    with torch.inference_mode():  # as diffusers pipelines decode: latents / scaling_factor + shift_factor
+        raw = cli_latent[None] / 2.5 + 0.1
+        image = pipe_vae.decode(raw).sample.clamp(-1, 1)
+    pipe_image = ((image[0].permute(1, 2, 0) + 1) * 127.5).round()
+    assert (pipe_image - cli_image).abs().max().item() <= 1  # the same image, up to 8-bit rounding
