@@ -252,11 +252,14 @@ def test_latent_codec_round_trip_and_exact_tiles(shortcut):
     assert torch.allclose(whole, direct, atol=1e-5)
     # Exact tiles of 48 px (dividing neither 128 nor any level): every shortcut, including the thumbnail's
     # bicubic enlargement that reaches across a tile edge, gives the whole-image result.
+    # Yardstick: the other memory layout computes the same function in another fp32 summation order.
     tiled = LatentCodec(tiny(shortcut, zero_init=False), tile_size=48)
-    tiled_latents = tiled.encode(image)
-    assert not tiled.last_plan.whole
-    assert (tiled_latents - latents).abs().max() < 1e-5 * latents.abs().max()
-    assert (tiled.decode(latents) - whole).abs().max() < 1e-5
+    layout = LatentCodec(tiny(shortcut, zero_init=False), channels_last=not untiled.channels_last)
+    for run in (lambda c: c.encode(image), lambda c: c.decode(latents)):
+        reference = run(untiled)
+        reorder = (run(layout) - reference).abs().max()
+        assert (run(tiled) - reference).abs().max() <= 2 * reorder + 1e-6
+        assert not tiled.last_plan.whole
 
 
 def test_as_the_vae_of_a_diffusers_pipeline(tmp_path):
