@@ -148,26 +148,33 @@ class Norm(Op):
         mean, rstd = ctx.stats[self]
         n, c = x.shape[:2]
         per_channel = c // self.norm.num_groups
-        # (x - mean) * scale + bias, as GroupNorm computes it: x * scale + shift would cancel large terms
-        mean = mean.repeat_interleave(per_channel, 1).to(x.dtype).view(n, c, 1, 1)
-        scale = rstd.repeat_interleave(per_channel, 1)
-        if self.norm.affine:
-            scale = scale * self.norm.weight
-        scale = scale.to(x.dtype).view(n, c, 1, 1)
-        out = x.sub_(mean) if inplace else x - mean
-        out.mul_(scale)
-        if self.norm.affine:
-            out.add_(self.norm.bias.view(1, c, 1, 1))
+        mean = mean.repeat_interleave(per_channel, 1)
+        var = rstd.pow(-2).sub(self.norm.eps).clamp_min(0).repeat_interleave(per_channel, 1)
+        weight, bias = (self.norm.weight, self.norm.bias) if self.norm.affine else (None, None)
+        if n == 1:
+            # (x - mean) / sqrt(var + eps) * weight + bias, GroupNorm's formula, in one fused pass: batch_norm
+            # in inference mode with the group statistics as running statistics, channel by channel
+            out = F.batch_norm(x, mean[0].to(x.dtype), var[0].to(x.dtype), weight, bias, False, 0.0, self.norm.eps)
+        else:
+            scale = rstd.repeat_interleave(per_channel, 1)
+            if weight is not None:
+                scale = scale * weight
+            out = x.sub_(mean.to(x.dtype).view(n, c, 1, 1)) if inplace else x - mean.to(x.dtype).view(n, c, 1, 1)
+            out.mul_(scale.to(x.dtype).view(n, c, 1, 1))
+            if bias is not None:
+                out.add_(bias.view(1, c, 1, 1))
         return F.silu(out, inplace=True) if self.silu else out
 
 
 def _tile_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(count, mean, M2) per sample and group of one tile, in float64 for combining."""
-    n = x.shape[0]
-    grouped = x.reshape(n, groups, -1)
-    var, mean = torch.var_mean(grouped.float(), dim=-1, correction=0)
-    count = grouped.shape[-1]
-    return mean.double(), var.double() * count, count
+    """(mean, M2, count) per sample and group of one tile, in float64 for combining. GroupNorm's own kernel
+    gives them fastest (with eps 0 its rstd is exactly 1/std); it also normalises, which is discarded."""
+    n, c, h, w = x.shape
+    if x.stride() != (h * w * c, 1, w * c, c):
+        x = x.contiguous()  # the kernel takes dense NCHW or NHWC, not a cropped view
+    _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, h * w, groups, 0.0)
+    count = c // groups * h * w
+    return mean.double().view(n, groups), rstd.double().view(n, groups).pow(-2) * count, count
 
 
 def _combine_stats(a, b):
@@ -488,6 +495,7 @@ class _Context:
     batch: int
     dtype: torch.dtype
     stats: dict = field(default_factory=dict)
+    norms_reading: dict = field(default_factory=dict)  # register -> the Norm ops that read it
 
 
 def tile_regions(size: tuple[int, int], tile: int) -> list[Region]:
@@ -550,6 +558,13 @@ def run_program(program: Program, x: torch.Tensor, plan: "CodingPlan", storage: 
     """Run `program` on `x` with the per-segment strategies of `plan`; full tensors live on `storage`."""
     sizes = program.sizes(*x.shape[-2:])
     ctx = _Context(device=x.device, batch=x.shape[0], dtype=x.dtype)
+    for op in program.ops:
+        if isinstance(op, Norm):
+            ctx.norms_reading.setdefault(op.srcs[0], []).append(op)
+    readers = {}
+    for op in program.ops:
+        for src in op.srcs:
+            readers[src] = readers.get(src, 0) + 1
     channels_last = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     last_read = {}  # register -> position (in the whole program) of the last op that reads it
@@ -572,9 +587,14 @@ def run_program(program: Program, x: torch.Tensor, plan: "CodingPlan", storage: 
             results = _run_pass(segment.ops, stored, {o: _full(sizes[o]) for o in outputs}, sizes, ctx)
             stored.update({name: t.to(storage) for name, t in results.items()})
         elif strategy == "keep":
-            for offset, op in enumerate(segment.ops):  # every intermediate stored in full, each op run tile by tile
-                _tiled([op], stored, [op.dst], sizes, ctx, plan.tile_size, storage, memory_format, program)
-                forget(stored, position + offset)
+            # Store the intermediates in full and run short chains of ops tile by tile: a GroupNorm, the
+            # convolution reading it and the residual addition after it, so that normalised tensors and bare
+            # convolution outputs are never stored.
+            offset = 0
+            for chain in _chains(segment.ops, readers):
+                _tiled(chain, stored, [chain[-1].dst], sizes, ctx, plan.tile_size, storage, memory_format, program)
+                offset += len(chain)
+                forget(stored, position + offset - 1)
         else:
             _tiled(segment.ops, stored, outputs, sizes, ctx, plan.tile_size, storage, memory_format, program)
         position += len(segment.ops)
@@ -582,10 +602,25 @@ def run_program(program: Program, x: torch.Tensor, plan: "CodingPlan", storage: 
     return stored[program.output]
 
 
+def _chains(ops: list[Op], readers: dict) -> list[list[Op]]:
+    """Split ops into chains whose inner results have a single reader (the next op), each chain starting at a
+    GroupNorm or where a result is read twice: a GroupNorm needs its input's statistics, hence stored."""
+    chains: list[list[Op]] = []
+    for op in ops:
+        last = chains[-1][-1] if chains else None
+        if (last is not None and not isinstance(op, Norm) and op.srcs[0] == last.dst and readers.get(last.dst) == 1
+                and not op.whole_only):
+            chains[-1].append(op)
+        else:
+            chains.append([op])
+    return chains
+
+
 def _tiled(ops, stored, outputs, sizes, ctx, tile, storage, memory_format, program):
-    """Compute `outputs` of `ops` tile by tile: first the statistics of every GroupNorm, then the outputs."""
+    """Compute `outputs` of `ops` tile by tile: first the statistics of every GroupNorm, then the outputs
+    (gathering, as each output tile is written, the statistics of the GroupNorms that will read it)."""
     for i, op in enumerate(ops):
-        if isinstance(op, Norm):
+        if isinstance(op, Norm) and op not in ctx.stats:
             acc = None
             for region in tile_regions(sizes[op.srcs[0]], tile):
                 t = _run_pass(ops[:i], stored, {op.srcs[0]: region}, sizes, ctx)[op.srcs[0]]
@@ -596,8 +631,15 @@ def _tiled(ops, stored, outputs, sizes, ctx, tile, storage, memory_format, progr
     for name in outputs:
         full = torch.empty((batch, channels[name], *sizes[name]), dtype=dtype, device=storage,
                            memory_format=memory_format if channels[name] > 1 else torch.contiguous_format)
+        norms = [op for op in ctx.norms_reading.get(name, []) if op not in ctx.stats]
+        acc = {op: None for op in norms}
         for region in tile_regions(sizes[name], tile):
-            _crop(full, _full(sizes[name]), region).copy_(_run_pass(ops, stored, {name: region}, sizes, ctx)[name])
+            out = _run_pass(ops, stored, {name: region}, sizes, ctx)[name]
+            for op in norms:
+                acc[op] = _combine_stats(acc[op], _tile_stats(out, op.norm.num_groups))
+            _crop(full, _full(sizes[name]), region).copy_(out)
+        for op in norms:
+            ctx.stats[op] = _finish_stats(acc[op], op.norm.eps)
         stored[name] = full
 
 
