@@ -151,10 +151,15 @@ class Norm(Op):
         mean = mean.repeat_interleave(per_channel, 1)
         var = rstd.pow(-2).sub(self.norm.eps).clamp_min(0).repeat_interleave(per_channel, 1)
         weight, bias = (self.norm.weight, self.norm.bias) if self.norm.affine else (None, None)
-        if n == 1:
+        if x.dtype != torch.float32:  # bf16/fp16: normalise in fp32 as GroupNorm does, then round once
+            out = F.batch_norm(x.float().reshape(1, n * c, *x.shape[2:]), mean.flatten().float(),
+                               var.flatten().float(), None if weight is None else weight.float().repeat(n),
+                               None if bias is None else bias.float().repeat(n), False, 0.0, self.norm.eps)
+            out = out.reshape(x.shape).to(x.dtype)
+        elif n == 1:
             # (x - mean) / sqrt(var + eps) * weight + bias, GroupNorm's formula, in one fused pass: batch_norm
             # in inference mode with the group statistics as running statistics, channel by channel
-            out = F.batch_norm(x, mean[0].to(x.dtype), var[0].to(x.dtype), weight, bias, False, 0.0, self.norm.eps)
+            out = F.batch_norm(x, mean[0].float(), var[0].float(), weight, bias, False, 0.0, self.norm.eps)
         else:
             scale = rstd.repeat_interleave(per_channel, 1)
             if weight is not None:
