@@ -1,7 +1,9 @@
 """Exact tiling against whole-image coding and diffusers' `enable_tiling()`: error, time, peak memory.
 
 Every case runs in a fresh subprocess (so that peak resident sets do not mix) on the same weights and input:
-- `whole`: the untiled path (`vae._encode` / `vae._decode`), the reference;
+- `whole`: the untiled path (`vae._encode` / `vae._decode`) in the codec's CPU layout (channels_last), the reference;
+- `layout`: the same untiled path in the other memory layout (contiguous NCHW): the same function in another
+  fp32 summation order, the yardstick for "exact";
 - `keep` / `recompute`: this project's exact tiles (`latent_vae.tiling`), every tileable segment forced to
   that strategy, tiles of `--tile-size`;
 - `budget`: what `plan_coding` picks for `--max-memory`;
@@ -33,7 +35,7 @@ from benchmarks.measure import add_device_args, device_and_dtype, result_name
 from benchmarks.report import RESULTS_DIR, device_label, save_figure, synchronize, write_results
 
 NAME = "tiling"
-METHODS = ("whole", "keep", "recompute", "diffusers")
+METHODS = ("whole", "layout", "keep", "recompute", "diffusers")
 DIFFUSERS_TILE = 512
 
 
@@ -66,6 +68,8 @@ def run_case(args: argparse.Namespace) -> None:
     vae = load_vae(args.model, seed=0).to(device, dtype).eval().requires_grad_(False)
     _inplace_resnets(vae)  # as LatentCodec runs it
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    if args.method == "layout":
+        memory_format = torch.contiguous_format if device.type == "cpu" else torch.channels_last
     vae = vae.to(memory_format=memory_format)
     x = _input(args.direction, vae, args.size, args.seed, args.image).to(device, dtype)
     x = x.contiguous(memory_format=memory_format)
