@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import add_device_args, device_and_dtype, result_name
-from benchmarks.report import RESULTS_DIR, device_label, save_figure, synchronize, write_results
+from benchmarks.report import device_label, save_figure, synchronize, write_results
 
 NAME = "tiling"
 METHODS = ("whole", "layout", "keep", "recompute", "diffusers")
@@ -48,8 +47,8 @@ def _input(direction: str, vae, size: int, seed: int, image: str | None) -> torc
         f = downsampling_factor(vae.config.block_out_channels)
         return torch.randn(1, vae.config.latent_channels, size // f, size // f, generator=generator)
     if image:
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         picture = Image.open(image).convert("RGB").resize((size, size), Image.BICUBIC)
         return torch.from_numpy(np.asarray(picture)).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -113,7 +112,7 @@ def spawn(args: argparse.Namespace, **case) -> dict:
     for key, value in case.items():
         if value is not None:
             command += [f"--{key.replace('_', '-')}", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -163,7 +162,7 @@ def seam_figure(whole: torch.Tensor, diffusers: torch.Tensor, exact: torch.Tenso
 
 
 def main(args: argparse.Namespace) -> None:
-    device, dtype = device_and_dtype(args)
+    device, _ = device_and_dtype(args)
     if args.decode_4096:
         return decode_4096(args, device)
     rows, drawn = [], False

@@ -23,12 +23,14 @@ fits the budget, otherwise exact tiles, choosing whole / keep / recompute per se
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +89,7 @@ class Op:
     def input_regions(self, region: Region, sizes: dict) -> list[Region]:
         return [region for _ in self.srcs]
 
-    def apply(self, inputs: list[torch.Tensor], region: Region, sizes: dict, ctx: "_Context", inplace: bool):
+    def apply(self, inputs: list[torch.Tensor], region: Region, sizes: dict, ctx: _Context, inplace: bool):
         raise NotImplementedError
 
 
@@ -509,7 +511,7 @@ def tile_regions(size: tuple[int, int], tile: int) -> list[Region]:
         parts = max(1, math.ceil(n / tile))
         return [round(i * n / parts) for i in range(parts + 1)]
     rows, cols = cuts(size[0]), cuts(size[1])
-    return [(r0, r1, c0, c1) for r0, r1 in zip(rows, rows[1:]) for c0, c1 in zip(cols, cols[1:])]
+    return [(r0, r1, c0, c1) for r0, r1 in itertools.pairwise(rows) for c0, c1 in itertools.pairwise(cols)]
 
 
 def _needs(ops: list[Op], targets: dict[str, Region], sizes: dict) -> dict[str, Region]:
@@ -559,7 +561,7 @@ def _segment_outputs(program: Program, index: int) -> list[str]:
     return [name for name in made if name in later or name == program.output]
 
 
-def run_program(program: Program, x: torch.Tensor, plan: "CodingPlan", storage: torch.device) -> torch.Tensor:
+def run_program(program: Program, x: torch.Tensor, plan: CodingPlan, storage: torch.device) -> torch.Tensor:
     """Run `program` on `x` with the per-segment strategies of `plan`; full tensors live on `storage`."""
     sizes = program.sizes(*x.shape[-2:])
     ctx = _Context(device=x.device, batch=x.shape[0], dtype=x.dtype)
