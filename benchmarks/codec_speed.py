@@ -7,8 +7,8 @@ this machine's matmul peak, measured in the same run and dtype.
 Variants, all on the same weights and the same input:
 - `diffusers`: `vae.encode(x).latent_dist.mode()` and `vae.decode(z).sample` under `torch.no_grad()`,
   as pipelines call it (contiguous NCHW tensors);
-- `LatentCodec NCHW` and `LatentCodec NHWC`: the adapter with `channels_last` off and on (`tile_size=None`
-  so that all variants do the same arithmetic at every size; tiling only changes what fits in memory).
+- `LatentCodec NCHW` and `LatentCodec NHWC`: the adapter with `channels_last` off and on (whole images
+  wherever they fit the memory budget, so that all variants do the same arithmetic).
   Both have its in-place resnet blocks (`latent_vae.codec._inplace_resnets`: the same operations, bit for
   bit, with fewer memory passes). The codec's default is NHWC on CPU and NCHW on CUDA, from these numbers.
 
@@ -61,7 +61,7 @@ def make_variants(preset: str, device: torch.device, dtype: torch.dtype, batch: 
             return plain.decode(z.to(dtype)).sample
 
     def codec(channels_last: bool) -> LatentCodec:
-        return LatentCodec(build_vae(preset, seed=0), device=device, dtype=dtype, tile_size=None,
+        return LatentCodec(build_vae(preset, seed=0), device=device, dtype=dtype,
                            max_batch_size=batch, channels_last=channels_last)
 
     nchw, nhwc = codec(False), codec(True)

@@ -36,7 +36,7 @@ def main() -> None:
     ).mul(2).sub(1).clamp(-1, 1)
     rows, reference = [], None
     for dtype in ("fp32", "bf16", "fp16"):
-        codec = LatentCodec(load_vae(args.model, seed=0), device=args.device, dtype=dtype, tile_size=None,
+        codec = LatentCodec(load_vae(args.model, seed=0), device=args.device, dtype=dtype,
                             max_batch_size=args.batch_size)
         codec_device = codec.device
         row = {"dtype": dtype, "device": device_label(codec.device)}

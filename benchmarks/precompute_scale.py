@@ -77,7 +77,7 @@ def bare_encode_rate(model: Path, shards: Path, count: int, options: PrecomputeO
                 image = load_image(tar.extractfile(member).read())
                 pixels.append(prepare_image(image, options).pixels)
     pixels = torch.stack((pixels * (count // len(pixels) + 1))[:count]).float().div(127.5).sub(1.0)
-    codec = LatentCodec.from_pretrained(str(model), device="cpu", max_batch_size=options.batch_size, tile_size=None)
+    codec = LatentCodec.from_pretrained(str(model), device="cpu", max_batch_size=options.batch_size)
     codec.encode(pixels[: options.batch_size])  # warm-up
     start = time.perf_counter()
     for batch in pixels.split(options.batch_size):

@@ -113,7 +113,7 @@ def main() -> None:
         make_images(folder, args.num_images, args.resolution)
         batches = decoded_batches(folder, args.resolution, args.batch_size)
         codec = LatentCodec(build_vae(args.model, seed=0), device=device, dtype=args.encode_dtype,
-                            max_batch_size=args.batch_size, tile_size=None, channels_last=args.channels_last)
+                            max_batch_size=args.batch_size, channels_last=args.channels_last)
         codec.encode(batches[0])  # warm-up: kernel selection, allocator
         bare, whole, loop = [], [], []
         for repeat in range(args.repeats):  # alternating, so that drift on a shared machine hits both

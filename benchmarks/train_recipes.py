@@ -44,7 +44,7 @@ def laplacian_energy(images: torch.Tensor) -> torch.Tensor:
 
 
 def score(model_dir: Path, images: torch.Tensor) -> dict[str, float]:
-    codec = LatentCodec.from_pretrained(model_dir, tile_size=None, max_batch_size=4)
+    codec = LatentCodec.from_pretrained(model_dir, max_batch_size=4)
     reconstruction = codec.reconstruct(images)
     return {
         "psnr": psnr(images, reconstruction).mean().item(),

@@ -22,6 +22,7 @@ _EXPORTS = {
     "DEFAULT_PRESET": "presets", "PRESETS": "presets", "VAEPreset": "presets", "get_preset": "presets",
     "ResidualAutoencoderKL": "residual",
     "LatentNormalization": "stats", "calibrate": "stats",
+    "CodingPlan": "tiling", "enable_exact_tiling": "tiling", "plan_coding": "tiling",
 }
 
 __all__ = list(_EXPORTS)

@@ -67,9 +67,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = D
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision (default: fp32)")
     group.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
     group.add_argument(
-        "--tile-size", type=int, default=512,
-        help="encode/decode in blended tiles of this many pixels above this size, bounding memory; 0 disables "
-        "(default: 512)",
+        "--max-memory", default=None,
+        help="memory budget per forward pass, e.g. 4GB or 512MiB: whole images where they fit, exact tiles (the "
+        "same result) where they do not (default: most of the free device memory / available RAM)",
+    )
+    group.add_argument(
+        "--tile-size", type=int, default=None,
+        help="expert: always code in exact tiles of this many pixels (default: the budget decides)",
     )
 
 
@@ -78,7 +82,7 @@ def open_codec(args: argparse.Namespace) -> LatentCodec:
 
     codec = LatentCodec.from_pretrained(
         args.model, seed=args.seed, device=args.device, dtype=args.dtype,
-        max_batch_size=args.batch_size, tile_size=args.tile_size or None,
+        max_batch_size=args.batch_size, max_memory=args.max_memory, tile_size=args.tile_size or None,
     )
     if args.model in PRESETS:
         print(

@@ -19,6 +19,7 @@ from .images import ImageInput, as_image_tensors, pad_to_multiple, tensor_to_pil
 from .model import load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
+from .tiling import CodingPlan, decode_exact, encode_exact, parse_memory, plan_coding
 
 
 class NonFiniteError(RuntimeError):
@@ -61,9 +62,12 @@ class LatentCodec:
         device: "cpu", "cuda", "mps", or None/"auto" for the best available.
         dtype: "fp32" (default, the reference), "bf16" or "fp16" for the network's weights and activations.
         max_batch_size: images per forward pass; larger inputs are split.
-        tile_size: images (in pixels) whose side exceeds this are encoded and decoded in overlapping,
-            blended tiles of this size, which bounds memory (diffusers' tiling); None disables tiling.
-        tile_overlap: fraction of a tile shared with its neighbour.
+        max_memory: memory budget per forward pass ("4GB", "512MiB" or bytes; None: most of the free device
+            memory, on CPU of the available RAM). Whole-image coding where its estimate fits (diffusers' own
+            untiled path), exact tiles where it does not (`latent_vae.tiling`): the results are the same
+            either way, up to fp32 summation order.
+        tile_size: expert override: always code in exact tiles of this many pixels (the budget still chooses
+            between keeping intermediates and recomputing them). None (default): the budget decides.
         channels_last: NHWC memory layout (same outputs within fp32 rounding). None (default) picks by
             device from `benchmarks/codec_speed`: on a 2-core CPU NHWC is about 1.2x faster; on an H100 in
             bf16 it is about 1.35x slower (GroupNorm), so only CPUs get it.
@@ -77,8 +81,8 @@ class LatentCodec:
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype = "fp32",
         max_batch_size: int = 8,
-        tile_size: int | None = 512,
-        tile_overlap: float = 0.25,
+        max_memory: str | int | None = None,
+        tile_size: int | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
     ) -> None:
@@ -97,14 +101,13 @@ class LatentCodec:
         _inplace_resnets(vae)
         self.downsampling_factor = downsampling_factor(vae.config.block_out_channels)
         self.latent_channels = int(vae.config.latent_channels)
+        self.max_memory = parse_memory(max_memory)
+        if tile_size is not None and tile_size < self.downsampling_factor:
+            raise ValueError(f"tile_size must be at least {self.downsampling_factor} pixels, got {tile_size}")
         self.tile_size = tile_size
-        if tile_size is not None:
-            if tile_size % (4 * self.downsampling_factor):
-                raise ValueError(f"tile_size must be a multiple of {4 * self.downsampling_factor}, got {tile_size}")
-            vae.enable_tiling()
-            vae.tile_sample_min_size = tile_size
-            vae.tile_latent_min_size = tile_size // self.downsampling_factor
-            vae.tile_overlap_factor = tile_overlap
+        self.last_plan: CodingPlan | None = None  # how the last forward pass was run (whole or tiled)
+        # Tiling is exact here (latent_vae.tiling): diffusers' approximate tiles never run inside the codec.
+        vae.disable_tiling()
         if compile:
             # In place, so that state-dict keys (and saving) are unchanged.
             vae.encoder.compile()
@@ -130,6 +133,12 @@ class LatentCodec:
         self.normalization = normalization
         self.fingerprint = model_fingerprint(self.vae)
 
+    def _plan(self, direction: str, batch: torch.Tensor) -> CodingPlan:
+        """The memory policy for one forward pass (`latent_vae.tiling.plan_coding`)."""
+        self.last_plan = plan_coding(self.vae, direction, tuple(batch.shape), dtype=self.dtype, device=self.device,
+                                     max_memory=self.max_memory, tile_size=self.tile_size)
+        return self.last_plan
+
     # -- encoding ----------------------------------------------------------------------------------
 
     def _image_batch(self, images: ImageInput | Sequence[ImageInput]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -148,9 +157,12 @@ class LatentCodec:
         chunks = []
         for chunk in pixels.split(self.max_batch_size):
             chunk = chunk.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-            # diffusers' encode picks the tiled path itself when the image exceeds the tile size
-            posterior = self.vae.encode(chunk).latent_dist
-            chunks.append(posterior.parameters.float())
+            plan = self._plan("encode", chunk)
+            if plan.whole:
+                moments = self.vae.encode(chunk).latent_dist.parameters
+            else:
+                moments = encode_exact(self.vae, chunk, plan)
+            chunks.append(moments.float())
         moments = torch.cat(chunks)
         self._check_finite(moments, "encoding")
         return moments
@@ -207,7 +219,9 @@ class LatentCodec:
         chunks = []
         for chunk in raw.split(self.max_batch_size):
             chunk = chunk.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-            chunks.append(self.vae.decode(chunk).sample.float())
+            plan = self._plan("decode", chunk)
+            image = self.vae.decode(chunk).sample if plan.whole else decode_exact(self.vae, chunk, plan)
+            chunks.append(image.float())
         images = torch.cat(chunks)
         self._check_finite(images, "decoding")
         return images.clamp(-1.0, 1.0)

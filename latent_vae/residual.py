@@ -18,10 +18,11 @@ Three shortcuts (`shortcut=`):
   benchmarks/residual_vs_plain.py: 21.9 dB against 19.2; CBSD68 in benchmarks/quality.py: 23.4 dB against
   bicubic RGB at equal values 23.0), and its smooth enlargement leaves no block texture for the network to
   remove; the remaining latent channels start at zero for the network to fill. The enlargement reaches
-  two latent pixels across a tile's edge, so tiled decoding differs slightly at the seams (blended).
+  two latent pixels across a tile's edge: exact tiling (`latent_vae.tiling`) computes every shortcut on the
+  whole tensor (they are cheap), so tiled coding equals whole-image coding here too.
 
 The weights, their names and shapes are AutoencoderKL's; the shortcuts live in the encoder's and decoder's
-`forward`, so diffusers' tiled and sliced paths (which call `self.encoder`/`self.decoder`) see them too.
+`forward`, so diffusers' sliced path (which calls `self.encoder`/`self.decoder`) sees them too.
 The saved config names block types plain AutoencoderKL does not know, so loading such a folder with
 `AutoencoderKL.from_pretrained` fails instead of silently dropping the shortcut: use `latent_vae.load_vae`.
 """

@@ -49,7 +49,7 @@ def tiny_codec():
     from latent_vae import LatentCodec
 
     torch.manual_seed(0)
-    return LatentCodec.from_pretrained(TINY, seed=0, device="cpu", tile_size=None)
+    return LatentCodec.from_pretrained(TINY, seed=0, device="cpu")
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def test_converted_model_codes_calibrates_precomputes_and_fine_tunes_with_a_froz
 
     # LatentCodec: with the neutral normalisation of a fresh conversion, its latents are LDM's posterior means.
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
-    codec = LatentCodec.from_pretrained(source, tile_size=None)
+    codec = LatentCodec.from_pretrained(source)
     with torch.no_grad():
         mean, _ = ldm_model.encode(pixels)
         torch.testing.assert_close(codec.encode(pixels), mean, atol=1e-5, rtol=0)
@@ -81,8 +81,8 @@ def test_converted_model_codes_calibrates_precomputes_and_fine_tunes_with_a_froz
     with pytest.raises(ValueError, match="not by the given model"):
         load_latents(latents_dir, model=str(exported))
     dataset = load_latents(latents_dir, model=record["source_fingerprint"], sample=False)
-    source_codec = LatentCodec.from_pretrained(source, tile_size=None)
-    new_codec = LatentCodec.from_pretrained(exported, tile_size=None)
+    source_codec = LatentCodec.from_pretrained(source)
+    new_codec = LatentCodec.from_pretrained(exported)
     for item in dataset:
         torch.testing.assert_close(item["latents"], before[item["key"]], atol=0, rtol=0)
         decoded = new_codec.decode(item["latents"][None])

@@ -58,7 +58,7 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
 
 @pytest.fixture
 def codec() -> LatentCodec:
-    return LatentCodec.from_pretrained(TINY, seed=0, device="cpu", tile_size=None)
+    return LatentCodec.from_pretrained(TINY, seed=0, device="cpu")
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def codec(model_dir) -> LatentCodec:
-    return LatentCodec.from_pretrained(str(model_dir), tile_size=None)
+    return LatentCodec.from_pretrained(str(model_dir))
 
 
 def random_image(height: int, width: int, seed: int) -> Image.Image:

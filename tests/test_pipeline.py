@@ -75,7 +75,7 @@ def test_decoder_receives_denormalised_latents_like_the_codec():
         images = pipe(num_inference_steps=2, generator=generator(), output_type="pt").images
         del pipe.vae.decode  # drop the spy
         torch.testing.assert_close(seen[0], normalization.denormalize(latents))
-        codec = LatentCodec(pipe.vae, tile_size=None)
+        codec = LatentCodec(pipe.vae)
         torch.testing.assert_close(images * 2 - 1, codec.decode(latents), atol=1e-5, rtol=0)
 
 

@@ -38,7 +38,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def codec(model_dir) -> LatentCodec:
-    return LatentCodec.from_pretrained(str(model_dir), tile_size=None)
+    return LatentCodec.from_pretrained(str(model_dir))
 
 
 def jpeg(seed: int, size: tuple[int, int] = (40, 48)) -> bytes:

@@ -27,7 +27,7 @@ def test_running_stats_equal_the_statistics_of_all_latents_at_once():
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_calibration_gives_unit_variance_on_the_data_it_saw(per_channel, tmp_path):
-    codec = LatentCodec(build_vae("f16c16-tiny", seed=0), max_batch_size=4, tile_size=None)
+    codec = LatentCodec(build_vae("f16c16-tiny", seed=0), max_batch_size=4)
     data = images()
     before = codec.encode(data)
     assert abs(before.std().item() - 1) > 0.05  # otherwise this test proves nothing
@@ -47,11 +47,11 @@ def test_calibration_gives_unit_variance_on_the_data_it_saw(per_channel, tmp_pat
         assert config.latents_std is not None and len(config.latents_std) == 16
     else:
         assert config.scaling_factor == pytest.approx(1 / before.std(unbiased=False).item(), rel=1e-3)
-    reloaded = LatentCodec(load_vae(tmp_path / "m"), tile_size=None)
+    reloaded = LatentCodec(load_vae(tmp_path / "m"))
     assert torch.allclose(reloaded.encode(data), after, atol=1e-4)
 
 
 def test_calibrating_nothing_is_an_error():
-    codec = LatentCodec(build_vae("f16c16-tiny", seed=0), tile_size=None)
+    codec = LatentCodec(build_vae("f16c16-tiny", seed=0))
     with pytest.raises(ValueError, match="at least one image"):
         calibrate(codec, [])

@@ -61,7 +61,7 @@ def square(image: Image.Image, size: int) -> torch.Tensor:
 
 def evaluate(model_dir: Path, holdout: Path, partner: Path, out: Path) -> dict:
     """Reconstruct the held-out photo at 1024x1024, compare with bicubic, write PNGs; returns the numbers."""
-    codec = LatentCodec.from_pretrained(model_dir, tile_size=None)
+    codec = LatentCodec.from_pretrained(model_dir)  # whole image or exact tiles, as the memory budget allows
     photo = load_image(holdout)
     original = square(photo, EVAL_SIZE)
     started = time.perf_counter()
@@ -83,7 +83,7 @@ def evaluate(model_dir: Path, holdout: Path, partner: Path, out: Path) -> dict:
     # A shortcut model started as its parameter-free code: score that too, to show what training added.
     code_model = untrained_code_model(codec.vae)
     if code_model is not None:
-        code_codec = LatentCodec(code_model, tile_size=None)
+        code_codec = LatentCodec(code_model)
         for key, image in (("code", original), ("native_code", native)):
             encoded_image = code_codec.encode(image, return_dict=True)
             decoded = code_codec.decode(encoded_image.latents, image_size=encoded_image.image_size)

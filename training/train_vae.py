@@ -145,7 +145,7 @@ def export_model(vae, ema: EMAModel | None, crops: list[torch.Tensor], out: Path
     final = copy.deepcopy(vae).float().eval()
     if ema is not None:
         ema.copy_to(final.parameters())
-    codec = LatentCodec(final, device=device, tile_size=None, max_batch_size=batch_size)
+    codec = LatentCodec(final, device=device, max_batch_size=batch_size)  # the memory policy: whole or exact tiles
     if recalibrate:
         calibrate(codec, crops)
     with atomic_directory(out) as tmp:

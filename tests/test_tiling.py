@@ -1,0 +1,200 @@
+"""Exact tiling (`latent_vae.tiling`): tiled coding is whole-image coding up to fp32 summation order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from latent_vae import LatentCodec, build_vae, get_preset
+from latent_vae.residual import ResidualAutoencoderKL
+from latent_vae.tiling import (
+    decode_exact,
+    enable_exact_tiling,
+    encode_exact,
+    parse_memory,
+    plan_coding,
+    tile_regions,
+)
+
+# fp32 keeps 24 bits: a value summed in another order moves by a few ulps per layer. 1e-5 of the output's
+# range is ~100 ulps: what reordering can do across these networks, and 1000x below the error diffusers'
+# per-tile GroupNorm statistics make (test_codec measures it on the same tiny models).
+REORDER = 1e-5
+
+
+def model(name: str) -> nn.Module:
+    """Tiny presets of every family; residual shortcuts with live (not zeroed) branches."""
+    if name in ("global", "stage", "thumbnail"):
+        torch.manual_seed(0)
+        config = get_preset("f16c16-tiny").diffusers_config()
+        return ResidualAutoencoderKL(**config, shortcut=name, zero_init=False).eval()
+    return build_vae(name, seed=0).eval()
+
+
+def assert_same(tiled: torch.Tensor, whole: torch.Tensor) -> None:
+    assert tiled.shape == whole.shape
+    error = (tiled - whole).abs().max().item()
+    assert error <= REORDER * whole.abs().max().item(), f"max |tiled - whole| = {error:.3g}"
+
+
+def smooth(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """An image with structure at several scales (in [-1, 1])."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, max(2, height // 16), max(2, width // 16), generator=generator)
+    image = nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    return (image + 0.1 * torch.rand(batch, 3, height, width, generator=generator)).clamp(0, 1) * 2 - 1
+
+
+FAMILIES = ["f16c16-tiny", "f8c4-tiny", "f8c16-tiny", "global", "stage", "thumbnail"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("strategy", ["keep", "recompute"])
+def test_tiled_encode_and_decode_equal_whole(name, strategy):
+    """Batch 2, tiles of 24 px that divide no level of a 80x112 image (nor of a 5x7 or 10x14 latent)."""
+    vae = model(name)
+    x = smooth(2, 80, 112)
+    with torch.inference_mode():
+        moments = vae._encode(x)
+        image = vae._decode(moments[:, : vae.config.latent_channels]).sample
+    plan = plan_coding(vae, "encode", tuple(x.shape), tile_size=24, strategy=strategy)
+    assert not plan.whole and strategy in plan.strategies
+    assert_same(encode_exact(vae, x, plan), moments)
+    z = moments[:, : vae.config.latent_channels]
+    plan = plan_coding(vae, "decode", tuple(z.shape), tile_size=24, strategy=strategy)
+    assert_same(decode_exact(vae, z, plan), image)
+
+
+def test_tile_regions_cover_the_image_once():
+    regions = tile_regions((50, 37), 16)
+    covered = torch.zeros(50, 37, dtype=torch.int)
+    for top, bottom, left, right in regions:
+        covered[top:bottom, left:right] += 1
+    assert bool((covered == 1).all()) and len(regions) == 4 * 3
+
+
+def test_codec_odd_sizes_batches_and_tiles_match_whole():
+    """Through LatentCodec: an odd size (padded to the factor, cropped back), batch 3 split into passes of 2.
+    The yardstick is the codec itself: its channels_last and contiguous layouts differ by fp32 reordering only."""
+    images = smooth(3, 75, 101, seed=1)
+    whole = LatentCodec(build_vae("f16c16-tiny", seed=0), max_batch_size=2)
+    layout = LatentCodec(build_vae("f16c16-tiny", seed=0), max_batch_size=2, channels_last=not whole.channels_last)
+    tiled = LatentCodec(build_vae("f16c16-tiny", seed=0), max_batch_size=2, tile_size=40)
+    encoded, tiled_encoded = whole.encode(images, return_dict=True), tiled.encode(images, return_dict=True)
+    assert whole.last_plan.whole and not tiled.last_plan.whole
+    assert_same(tiled_encoded.latents, encoded.latents)
+    decoded = whole.decode(encoded.latents, image_size=encoded.image_size)
+    assert decoded.shape == (3, 3, 75, 101)
+    reorder = (layout.decode(encoded.latents, image_size=encoded.image_size) - decoded).abs().max().item()
+    error = (tiled.decode(encoded.latents, image_size=encoded.image_size) - decoded).abs().max().item()
+    assert error <= 2 * reorder + 1e-6, (error, reorder)
+
+
+def test_policy_whole_when_it_fits_tiles_when_not_same_result():
+    vae = build_vae("f8c4-tiny", seed=0)
+    shape = (1, 3, 512, 384)
+    roomy = plan_coding(vae, "encode", shape, max_memory="64GB")
+    assert roomy.whole and roomy.estimated_bytes <= roomy.budget_bytes
+    tight = plan_coding(vae, "encode", shape, max_memory=roomy.estimated_bytes - 1)
+    assert not tight.whole and tight.estimated_bytes < roomy.estimated_bytes
+    with pytest.raises(ValueError, match="too small"):
+        plan_coding(vae, "encode", shape, max_memory="1MB")
+    image = smooth(1, 512, 384)
+    budgeted = LatentCodec(build_vae("f8c4-tiny", seed=0), max_memory=roomy.estimated_bytes - 1)
+    whole = LatentCodec(build_vae("f8c4-tiny", seed=0))
+    layout = LatentCodec(build_vae("f8c4-tiny", seed=0), channels_last=not whole.channels_last)
+    reference = whole.encode(image)
+    reorder = (layout.encode(image) - reference).abs().max().item()
+    assert (budgeted.encode(image) - reference).abs().max().item() <= 2 * reorder + 1e-6
+    assert not budgeted.last_plan.whole and whole.last_plan.whole
+
+
+def test_parse_memory():
+    assert parse_memory("4GB") == 4 * 10**9
+    assert parse_memory("512MiB") == 512 * 2**20
+    assert parse_memory("1.5 GiB") == 3 * 2**29
+    assert parse_memory(1000) == 1000 and parse_memory(None) is None
+    for bad in ("four GB", "4XB", "-1GB", 0):
+        with pytest.raises(ValueError, match="max_memory"):
+            parse_memory(bad)
+
+
+def test_unsupported_layers_are_refused_by_name():
+    vae = build_vae("f16c16-tiny", seed=0)
+    vae.decoder.conv_norm_out = nn.LayerNorm(16)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        plan_coding(vae, "decode", (1, 16, 4, 4), tile_size=32)
+
+
+def test_enable_exact_tiling_inside_a_diffusers_pipeline():
+    """DiTPipeline with a tiny budget forcing tiles produces the images it makes untiled; its VAE's decode equals
+    the codec's decode of the same latents."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=32, num_layers=1,
+        sample_size=6, patch_size=2, norm_num_groups=4, num_embeds_ada_norm=1000,
+    )
+    pipe = DiTPipeline(transformer=transformer, vae=build_vae("f16c16-tiny", seed=0), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(class_labels=[1, 7], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+
+    whole = run()
+    seen = []
+    enable_exact_tiling(pipe.vae, tile_size=32, strategy="recompute")
+    decode = pipe.vae._decode
+    pipe.vae._decode = lambda z, return_dict=True: seen.append(z.clone()) or decode(z, return_dict)
+    tiled = run()
+    assert whole.shape == tiled.shape == (2, 96, 96, 3) and len(seen) == 1
+    assert abs(tiled - whole).max() <= REORDER * 2  # images in [0, 1]
+    codec = LatentCodec(build_vae("f16c16-tiny", seed=0), channels_last=False)
+    codec_images = codec.decode_raw(seen[0]).div(2).add(0.5)  # the pipeline's latent, un-normalised already
+    with torch.inference_mode():
+        pipe_images = pipe.vae.decode(seen[0]).sample.clamp(-1, 1).div(2).add(0.5)
+    assert_same(pipe_images, codec_images)
+
+
+def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tmp_path):
+    """The same photo: `latent-vae encode` in forced exact tiles and `precompute` (whole, at the photo's own size,
+    so nothing is resized) give the same latent; `latent-vae decode` of it equals a diffusers-style
+    `vae.decode` with enable_exact_tiling."""
+    from PIL import Image
+
+    from latent_vae import load_vae, precompute_latents, save_vae
+    from latent_vae.cli import main
+    from latent_vae.latent_files import load_latent_file
+    from latent_vae.latents import load_latents
+
+    side = 128
+    vae = build_vae("f16c16-tiny", seed=0)
+    vae.register_to_config(scaling_factor=2.5, shift_factor=0.1)
+    model_dir = save_vae(vae, tmp_path / "model")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = ((smooth(1, side, side, seed=3)[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    Image.fromarray(pixels).save(photos / "photo.png")
+    assert main(["encode", str(photos / "photo.png"), "--model", str(model_dir), "--out", str(tmp_path / "enc"),
+                 "--tile-size", "48", "--device", "cpu"]) == 0
+    cli_latent = load_latent_file(tmp_path / "enc" / "photo.safetensors").latents
+    precompute_latents(str(model_dir), photos, tmp_path / "pre", resolution=side, dtype="fp32", num_workers=0,
+                       progress=False)
+    dataset = load_latents(tmp_path / "pre", model=str(model_dir), resolution=side, sample=False,
+                           cache_dir=tmp_path / "cache")
+    pre_latent = next(iter(dataset))["latents"]
+    assert cli_latent.shape == pre_latent.shape == (16, side // 16, side // 16)
+    assert (cli_latent - pre_latent).abs().max().item() <= REORDER * pre_latent.abs().max().item() + 1e-6
+
+    assert main(["decode", str(tmp_path / "enc" / "photo.safetensors"), "--model", str(model_dir), "--out",
+                 str(tmp_path / "dec"), "--device", "cpu"]) == 0
+    cli_image = torch.from_numpy(np.array(Image.open(tmp_path / "dec" / "photo.png"))).float()
+    pipe_vae = enable_exact_tiling(load_vae(model_dir), tile_size=48, strategy="keep")
+    with torch.inference_mode():  # as diffusers pipelines decode: latents / scaling_factor + shift_factor
+        raw = cli_latent[None] / 2.5 + 0.1
+        image = pipe_vae.decode(raw).sample.clamp(-1, 1)
+    pipe_image = ((image[0].permute(1, 2, 0) + 1) * 127.5).round()
+    assert (pipe_image - cli_image).abs().max().item() <= 1  # the same image, up to 8-bit rounding
