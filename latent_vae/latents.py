@@ -117,7 +117,6 @@ class LatentInfo:
     flip: bool  # whether mirrored latents are stored
     storage_dtype: str  # "bfloat16", "float16" or "float32": the dtype of the bytes in mean/std
     encode_dtype: str  # the dtype the encoder ran in
-    tile_size: int | None  # tiled encoding above this size (None: whole images)
     max_upscale: float  # images needing more upscaling than this were refused as too small
     image_column: str
     key_column: str | None

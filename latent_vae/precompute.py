@@ -62,7 +62,9 @@ class PrecomputeOptions:
     shard_size: int = _option(512, "rows per virtual shard of an unsharded input (folder, Dataset): the most work a kill can lose per worker")
     max_upscale: float = _option(1.0, "skip images needing more upscaling than this to fill the crop (1: never upscale)")
     max_pixels: int = _option(DEFAULT_MAX_PIXELS, "refuse images above this many pixels, from their header, before decoding")
-    tile_size: int | None = _option(None, "encode images larger than this in tiles (bounds memory); default: whole images")
+    max_memory: str | None = _option(None, "memory budget per encoder call, e.g. 4GB: whole images when they fit, else exact "
+                                     "tiles, which give the same latents (default: most of the free device memory)")
+    tile_size: int | None = _option(None, "expert override: always encode in exact tiles of this many pixels (same latents)")
     channels_last: bool | None = _option(None, "NHWC memory layout (default: the codec's choice by device, NHWC on CPU)")
     image_column: str | None = _option(None, "datasets and parquet sources: the image column (default: the only image column)")
     key_column: str | None = _option(None, "datasets and parquet sources: a column of unique ids (default: a 'key' column, else the row)")
@@ -347,7 +349,8 @@ def _make_codec(model: Any, options: PrecomputeOptions, device: torch.device):
     vae = model if isinstance(model, AutoencoderKL) else load_vae(model)
     source = str(model) if isinstance(model, (str, os.PathLike)) else None
     codec = LatentCodec(vae, device=device, dtype=options.encode_dtype, max_batch_size=per_call,
-                        tile_size=options.tile_size, channels_last=options.channels_last)
+                        max_memory=options.max_memory, tile_size=options.tile_size,
+                        channels_last=options.channels_last)
     return codec, source
 
 
@@ -504,7 +507,7 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         latent_channels=codec.latent_channels, downsampling_factor=factor, resolution=opts.resolution,
         buckets=[list(b) for b in bucket_list] if bucket_list else None, flip=opts.flip,
         storage_dtype=fmt.dtype_name(fmt.storage_dtype(opts.dtype)), encode_dtype=fmt.dtype_name(codec.dtype),
-        tile_size=codec.tile_size, max_upscale=opts.max_upscale, image_column=source.image_column,
+        max_upscale=opts.max_upscale, image_column=source.image_column,
         key_column=source.key_column, passthrough=list(source.passthrough),
         input_shards=[s.name for s in source.shards], shard_size=None if source.sharded else opts.shard_size,
         input_digest=source.keys_digest,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -183,11 +185,19 @@ def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tm
     cli_latent = load_latent_file(tmp_path / "enc" / "photo.safetensors").latents
     precompute_latents(str(model_dir), photos, tmp_path / "pre", resolution=side, dtype="fp32", num_workers=0,
                        progress=False)
-    dataset = load_latents(tmp_path / "pre", model=str(model_dir), resolution=side, sample=False,
-                           cache_dir=tmp_path / "cache")
-    pre_latent = next(iter(dataset))["latents"]
+    pre_latent = load_latents(tmp_path / "pre", model=str(model_dir), resolution=side, sample=False)[0]["latents"]
     assert cli_latent.shape == pre_latent.shape == (16, side // 16, side // 16)
     assert (cli_latent - pre_latent).abs().max().item() <= REORDER * pre_latent.abs().max().item() + 1e-6
+    # `precompute --max-memory` just below what the whole image needs: exact tiles, the same latent.
+    batch = (8, 3, side, side)  # precompute's default batch
+    budget = plan_coding(load_vae(model_dir), "encode", batch).estimated_bytes - 1
+    assert not plan_coding(load_vae(model_dir), "encode", batch, max_memory=budget).whole
+    assert main(["precompute", "--model", str(model_dir), "--data", str(photos), "--out", str(tmp_path / "pre_tiled"),
+                 "--resolution", str(side), "--dtype", "fp32", "--num-workers", "0", "--no-progress",
+                 "--max-memory", str(budget)]) == 0
+    assert json.loads((tmp_path / "pre_tiled" / "summary.json").read_text())["failures"] == 0
+    tiled_latent = load_latents(tmp_path / "pre_tiled", model=str(model_dir), sample=False)[0]["latents"]
+    assert (tiled_latent - pre_latent).abs().max().item() <= REORDER * pre_latent.abs().max().item() + 1e-6
 
     assert main(["decode", str(tmp_path / "enc" / "photo.safetensors"), "--model", str(model_dir), "--out",
                  str(tmp_path / "dec"), "--device", "cpu"]) == 0
