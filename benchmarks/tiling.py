@@ -172,7 +172,7 @@ def main(args: argparse.Namespace) -> None:
             for direction in args.directions:
                 outputs = {}
                 for method in args.methods:
-                    path = scratch / f"{preset}-{size}-{direction}-{method}.safetensors"
+                    path = scratch / f"{Path(preset).name}-{size}-{direction}-{method}.safetensors"  # a preset or a model folder
                     result = spawn(args, model=preset, size=size, direction=direction, method=method,
                                    tile_size=args.tile_size, max_memory=args.max_memory, image=args.image,
                                    out=path)
