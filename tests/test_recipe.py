@@ -160,10 +160,8 @@ def test_fp16_overflow_at_a_huge_loss_scale_backs_off_and_the_run_goes_on(traini
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint-0000008" / "vae.safetensors")).values())
 
 
-def test_fp16_nonfinite_adaptive_weight_is_an_overflow_and_the_scaler_updates_once_per_step(training_images, tmp_path,
-                                                                                           monkeypatch):
-    """A NaN adaptive weight alone (finite loss) skips that step and backs the scale off; with a growth interval of 1
-    the final scale shows exactly one update per iteration, although two optimisers step."""
+def nan_adaptive_weight_on_second_call(monkeypatch) -> dict:
+    """Make the adaptive weight NaN on its second call only (the loss stays finite); returns the call count."""
     real = losses_module.adaptive_weight
     calls = {"n": 0}
 
@@ -173,6 +171,14 @@ def test_fp16_nonfinite_adaptive_weight_is_an_overflow_and_the_scaler_updates_on
         return weight * float("nan") if calls["n"] == 2 else weight
 
     monkeypatch.setattr(losses_module, "adaptive_weight", nan_on_second_call)
+    return calls
+
+
+def test_fp16_nonfinite_adaptive_weight_is_an_overflow_and_the_scaler_updates_once_per_step(training_images, tmp_path,
+                                                                                           monkeypatch):
+    """A NaN adaptive weight alone (finite loss) skips that step and backs the scale off; with a growth interval of 1
+    the final scale shows exactly one update per iteration, although two optimisers step."""
+    calls = nan_adaptive_weight_on_second_call(monkeypatch)
     cpu_fp16(monkeypatch, init_scale=2.0**8, growth_interval=1)
     out = tmp_path / "run"
     train_module.main(tiny_fp16(training_images, out, max_steps=4, max_nonfinite_steps=1))
@@ -183,15 +189,7 @@ def test_fp16_nonfinite_adaptive_weight_is_an_overflow_and_the_scaler_updates_on
 
 
 def test_nonfinite_adaptive_weight_without_a_scaler_skips_the_step(training_images, tmp_path, monkeypatch):
-    real = losses_module.adaptive_weight
-    calls = {"n": 0}
-
-    def nan_on_second_call(*args, **kwargs):
-        calls["n"] += 1
-        weight = real(*args, **kwargs)
-        return weight * float("nan") if calls["n"] == 2 else weight
-
-    monkeypatch.setattr(losses_module, "adaptive_weight", nan_on_second_call)
+    nan_adaptive_weight_on_second_call(monkeypatch)
     out = tmp_path / "run"
     train_module.main(load_config("tiny_test", {"data": str(training_images), "output_dir": str(out), "disc_start": 0,
                                                 "max_steps": 3, "validate_every": 0, "checkpoint_every": 0}))
