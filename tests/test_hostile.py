@@ -375,14 +375,10 @@ def test_no_traceback_reaches_a_script_that_runs_the_command(tmp_path, photos):
 
 
 @pytest.fixture(scope="module")
-def train_images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("train_images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        small = rng.random((6, 6, 3)) * 255
-        Image.fromarray(small.astype(np.uint8)).resize((48, 40 + 8 * i), Image.BICUBIC).save(folder / f"img{i}.png")
-    (folder / "bomb.png").write_bytes(bomb_png())  # read at some step of every epoch
-    return folder
+def train_images(training_images: Path) -> Path:
+    """The shared training images plus a decompression bomb, read at some step of every epoch."""
+    (training_images / "bomb.png").write_bytes(bomb_png())
+    return training_images
 
 
 def train(images: Path, out: Path, **overrides):
