@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .stats import LatentNormalization
+
 # LDM's Normalize() is GroupNorm(32, C, eps=1e-6) everywhere: the group count is not in the weights.
 LDM_NORM_GROUPS = 32
 AUTOENCODER_MODULES = ("encoder", "decoder", "quant_conv", "post_quant_conv")
@@ -208,10 +210,7 @@ class LDMArchitecture:
             use_quant_conv=self.use_quant_conv,
             use_post_quant_conv=self.use_post_quant_conv,
             # Not in an LDM checkpoint: measured afterwards with `latent-vae calibrate`. Start neutral.
-            scaling_factor=1.0,
-            shift_factor=0.0,
-            latents_mean=None,
-            latents_std=None,
+            **LatentNormalization().to_config(),
         )
 
     def describe(self) -> str:
