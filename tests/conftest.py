@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models and small synthetic images; no network, no ../shared."""
+"""Shared fixtures: tiny models and small synthetic images; no network, no data from outside the repository."""
 
 from __future__ import annotations
 
