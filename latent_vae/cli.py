@@ -125,7 +125,7 @@ def failure_line(path: Path, error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:  # a full disk, a permission: say which file
         reason = error.strerror + (f" ({error.filename})" if error.filename and str(error.filename) != str(path) else "")
     else:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
     return reason if reason.startswith(str(path)) else f"{path}: {reason}"
 
 
@@ -630,6 +630,11 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 def one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return first_line(error)
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message, first line only (the name of its type when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
