@@ -701,7 +701,10 @@ def default_budget(device: torch.device) -> int:
     """Most of the free accelerator memory, or of the RAM still available on CPU."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(0.9 * free)
+        # What PyTorch's caching allocator holds but no tensor uses is free to this process too; without it
+        # the budget would shrink after the first batch and later batches of the same size would tile.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(0.9 * (free + cached))
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}

@@ -208,3 +208,15 @@ def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tm
         image = pipe_vae.decode(raw).sample.clamp(-1, 1)
     pipe_image = ((image[0].permute(1, 2, 0) + 1) * 127.5).round()
     assert (pipe_image - cli_image).abs().max().item() <= 1  # the same image, up to 8-bit rounding
+
+
+def test_default_cuda_budget_counts_the_allocators_cached_memory(monkeypatch):
+    """Memory the caching allocator keeps after a batch is still this process's to use: the budget must not
+    shrink from one batch to the next (simulated: no GPU is needed)."""
+    from latent_vae.tiling import default_budget
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    assert default_budget(torch.device("cuda")) == int(0.9 * 14 * gib)
