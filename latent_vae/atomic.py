@@ -38,6 +38,23 @@ def unique_tmp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
+def left_by_dead_process(file: str | os.PathLike) -> bool:
+    """Whether `file` is a `unique_tmp_path` of a process of this host that is gone (safe to remove)."""
+    try:
+        head, pid, _, suffix = Path(file).name.rsplit(".", 3)
+    except ValueError:
+        return False
+    if "." + suffix != TMP_SUFFIX or not pid.isdigit() or not head.endswith("." + socket.gethostname()):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
 def _fsync_tree(folder: Path) -> None:
     for root, _, files in os.walk(folder):
         for name in files:

@@ -1,6 +1,6 @@
 """Claims: at most one process works on an input shard at a time, across runs, ranks and nodes.
 
-A claim is a file `DST/claims/NAME.claim` created exclusively (O_CREAT | O_EXCL: of several processes one
+A claim is a file `DST/claims/NAME.claim` published exclusively and whole (a hard link: of several processes one
 succeeds) holding its owner (host, pid, the pid's start time, run id); a heartbeat refreshes its mtime. A
 claim is stale when its owner is surely gone (same host: no such process) or has not heartbeated for the
 timeout (another host), and is then taken over by a rename, which one process wins. Claims save work; what
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from .atomic import left_by_dead_process, publish_exclusive
 from .latents import CLAIM_DIR
 
 HOST = socket.gethostname()
@@ -60,7 +61,7 @@ class Owner:
 
 
 class Claims:
-    """Claim files `DST/claims/NAME.claim`: created exclusively (O_CREAT | O_EXCL), refreshed by a heartbeat
+    """Claim files `DST/claims/NAME.claim`: published exclusively and whole, refreshed by a heartbeat
     (their mtime), taken over by a rename once stale: no heartbeat for `timeout` s, or a dead owner on this host."""
 
     def __init__(self, out: Path, owner: Owner, timeout: float) -> None:
@@ -71,16 +72,14 @@ class Claims:
 
     def try_claim(self, name: str) -> bool:
         path = self.path(name)
+        # Published whole (written aside, then hard-linked): a process killed while claiming leaves no empty
+        # claim, which no owner could be read from and which would block every rerun for the whole timeout.
+        content = json.dumps({**asdict(self.owner), "claimed_at": time.time()})
         for attempt in range(2):
-            try:
-                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if attempt or not self._take_over_if_stale(path):
-                    return False
-                continue
-            with os.fdopen(descriptor, "w") as f:
-                json.dump({**asdict(self.owner), "claimed_at": time.time()}, f)
-            return True
+            if publish_exclusive(path, content):
+                return True
+            if attempt or not self._take_over_if_stale(path):
+                return False
         return False
 
     def held(self, name: str) -> bool:
@@ -95,12 +94,12 @@ class Claims:
             return None, b""
         try:
             holder = Owner(**{k: v for k, v in json.loads(content).items() if k in Owner.__dataclass_fields__})
-        except (json.JSONDecodeError, TypeError):
-            holder = None  # being written this instant: judged by its age alone
+        except (json.JSONDecodeError, TypeError, AttributeError):
+            return True, content  # claims are published whole, so this one is debris (a damaged disk, an old run)
         # An earlier run of this very process (one that ended in an error, in a notebook) holds nothing any more.
-        earlier_run_here = holder is not None and (holder.host, holder.pid) == (self.owner.host, self.owner.pid) \
+        earlier_run_here = (holder.host, holder.pid) == (self.owner.host, self.owner.pid) \
             and holder.run_id != self.owner.run_id
-        stale = time.time() - modified > self.timeout or earlier_run_here or (holder is not None and not holder.alive())
+        stale = time.time() - modified > self.timeout or earlier_run_here or not holder.alive()
         return stale, content
 
     def _take_over_if_stale(self, path: Path) -> bool:
@@ -125,9 +124,13 @@ class Claims:
         return True
 
     def clear_stale(self) -> None:
-        """Remove the stale claims of dead processes (one killed between its commit and its release)."""
+        """Remove the stale claims of dead processes (one killed between its commit and its release), and the
+        half-published claims of processes killed while claiming."""
         for path in self.folder.glob("*.claim"):
             self._take_over_if_stale(path)
+        for path in self.folder.glob(".*.tmp"):
+            if left_by_dead_process(path):
+                path.unlink(missing_ok=True)
 
     def release(self, name: str) -> None:
         """Remove our claim (not one that another process has taken over meanwhile)."""

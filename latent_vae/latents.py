@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import socket
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import file_sha256, fsync_path, publish_exclusive, unique_tmp_path
+from .atomic import file_sha256, fsync_path, left_by_dead_process, publish_exclusive, unique_tmp_path
 from .dtypes import dtype_name, resolve_dtype  # noqa: F401  (dtype_name: for the writer of latents.json)
 from .stats import LatentNormalization
 
@@ -301,29 +300,13 @@ def shard_state(out: Path, name: str) -> str:
     return "complete" if data.is_file() else "broken"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def clean_staging(out: Path) -> None:
     """Remove what killed processes of this host left in staging/ (their half-written shards); a staged file
     that a manifest names is first renamed into place (a commit cut short between its two steps)."""
     for file in (out / STAGING_DIR).glob(".*.tmp"):
-        try:
-            head, pid, _, _ = file.name.rsplit(".", 3)
-            name, host = head[1:].split(".parquet.", 1)
-            if host != socket.gethostname() or _pid_alive(int(pid)):
-                continue
-        except ValueError:
-            continue
-        shard_state(out, name)
-        file.unlink(missing_ok=True)
+        if left_by_dead_process(file):
+            shard_state(out, file.name[1:].split(".parquet.", 1)[0])
+            file.unlink(missing_ok=True)
 
 
 def read_manifests(out: str | os.PathLike, names: list[str] | None = None) -> dict[str, Manifest]:

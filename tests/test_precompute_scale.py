@@ -189,6 +189,25 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(model_dir, tmp_pat
     assert not list((out / "claims").iterdir()) and verify_latents(out).ok
 
 
+def test_debris_of_a_run_killed_while_claiming_blocks_nothing(model_dir, tmp_path):
+    # A kill between creating a claim and writing its owner used to leave an empty claim that every rerun
+    # waited on for the whole claim timeout. Claims are now published whole; debris (empty, damaged) is stale,
+    # and a dead process's half-published claim is removed.
+    samples = img2dataset_shards(tmp_path / "tars", shards=2, per_shard=2)
+    claims = tmp_path / "latents" / "claims"
+    claims.mkdir(parents=True)
+    (claims / "00000.claim").write_bytes(b"")
+    (claims / "00001.claim").write_bytes(b'{"host": ')
+    leftover = claims / f".00001.claim.{socket.gethostname()}.{dead_pid()}.0123abcd.tmp"
+    leftover.write_text("{}")
+    start = time.monotonic()
+    summary = precompute_latents(str(model_dir), str(tmp_path / "tars"), tmp_path / "latents", claim_timeout=600.0,
+                                 **FAST)
+    assert time.monotonic() - start < 120  # far below the claim timeout: nothing waited for
+    assert summary.complete and summary.shards_this_run == 2 and sorted(stored(tmp_path / "latents")) == sorted(samples)
+    assert not list(claims.iterdir())
+
+
 def test_shard_order_prefers_a_ranks_own_shards_then_helps_others():
     orders = [shard_order(10, rank, 3) for rank in range(3)]
     assert orders[1][:3] == [1, 4, 7] and all(sorted(o) == list(range(10)) for o in orders)
