@@ -7,6 +7,7 @@ the common claim that latent diffusion is about 50x cheaper than pixel diffusion
 
     python -m benchmarks.latent_vs_pixel                                  # CPU: a few minutes
     python -m benchmarks.latent_vs_pixel --device cuda --dtype bf16 --batch-size 4   # GPU: runs every size
+    python -m benchmarks.latent_vs_pixel --device cuda --dtype bf16 --batch-size 4 --cuda-graphs  # steps as graphs
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ from latent_vae.presets import downsampling_factor
 
 CLAIM = 50.0  # "latent diffusion is ~50x faster than pixel diffusion"
 NAME = "latent_vs_pixel"
+
+
+def stem(args: argparse.Namespace) -> str:
+    """The results' name: eager and graphed steps are kept apart."""
+    return NAME + ("_graphs" if args.cuda_graphs else "")
 
 
 def timing_plan(gflop: float, max_gflop: float) -> tuple[int, int] | None:
@@ -79,6 +85,21 @@ def measure(fn, device: torch.device, gflop: float, max_gflop: float) -> tuple[f
     return min(times), memory.mib, "ok"
 
 
+def cuda_graph(unet, x: torch.Tensor, t: torch.Tensor):
+    """`unet(x, t)` captured once as a CUDA graph; returns its replay. A small UNet's step is a few hundred short
+    kernels: launched one by one from Python its time is the launches', not the GPU's work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(3):  # warm-up outside the capture: cuDNN/cuBLAS choose their kernels and workspaces
+            unet(x, t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        unet(x, t)
+    return graph.replay
+
+
 def unet_flops(unet_meta, channels: int, side: int, batch: int) -> tuple[float, float]:
     """GFLOP of one forward and of one training step (forward + backward), counted on the meta device."""
     x = torch.empty(batch, channels, side, side, device="meta")
@@ -91,6 +112,8 @@ def unet_flops(unet_meta, channels: int, side: int, batch: int) -> tuple[float, 
 
 def main(args: argparse.Namespace) -> None:
     device, dtype = device_and_dtype(args)
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("--cuda-graphs needs a CUDA device")
     autocast = dtype if dtype != torch.float32 else None
     max_gflop = args.max_gflop if args.max_gflop is not None else (math.inf if device.type == "cuda" else 2500.0)
     vae = build_vae(args.vae, seed=0)
@@ -123,9 +146,12 @@ def main(args: argparse.Namespace) -> None:
             t = torch.full((batch,), 500, device=device, dtype=torch.long)
             unet = inference_unets[space]
 
-            def forward():
-                with torch.inference_mode():
-                    unet(x.to(unet.dtype), t)
+            if args.cuda_graphs:
+                forward = cuda_graph(unet, x.to(unet.dtype), t)
+            else:
+                def forward():
+                    with torch.inference_mode():
+                        unet(x.to(unet.dtype), t)
 
             optimizer = torch.optim.AdamW(unets[space].parameters(), lr=1e-5)
             generator = torch.Generator("cpu").manual_seed(0)
@@ -134,7 +160,8 @@ def main(args: argparse.Namespace) -> None:
                 train_step(unets[space], scheduler, optimizer, x, None, generator, autocast)
 
             fwd_s, fwd_mib, fwd_status = measure(forward, device, fwd_gflop, max_gflop)
-            train_s, train_mib, train_status = measure(train, device, train_gflop, max_gflop)
+            train_s, train_mib, train_status = ((None, None, fwd_status) if args.no_train else
+                                                measure(train, device, train_gflop, max_gflop))
             row = {
                 "resolution": resolution, "space": space, "input": f"{batch}x{channels}x{side}x{side}",
                 "step GFLOP": fwd_gflop, "step s": fwd_s, "step MiB": fwd_mib,
@@ -184,7 +211,7 @@ def main(args: argparse.Namespace) -> None:
     # "-": not measured here (see status); JSON keeps the same cells as the table.
     rows = [{k: ("-" if v is None else v) for k, v in row.items()} for row in rows]
     write_results(
-        result_name(NAME, device), rows, notes=notes,
+        result_name(stem(args), device), rows, notes=notes,
         columns=["resolution", "space", "input", "step GFLOP", "step s", "step MiB", "train s", "train MiB",
                  "decode GFLOP", "decode s", "e2e GFLOP", "e2e s", "status"],
         extra={"args": vars(args), "device": device_label(device), "dtype": str(dtype), "summary": summary,
@@ -198,6 +225,9 @@ def build_notes(args, device, dtype, summary: list[dict], max_gflop: float) -> s
         f"UNet2DModel (128,256,256,512), 2 layers per block, attention at the two lowest levels; VAE `{args.vae}`; "
         f"batch {args.batch_size}; {device_label(device)}, {str(dtype).replace('torch.', '')} "
         "(inference in that dtype, training with fp32 weights under autocast). "
+        + ("Sampling steps are replayed CUDA graphs (captured once per shape); training and decode run eagerly. "
+           if args.cuda_graphs else "")
+        + 
         "FLOPs are counted by `torch.utils.flop_counter` on the meta device for every size; times (the fastest "
         "of up to 5 repeats: the machine may be shared) and memory only where a call costs at most "
         f"{max_gflop:g} GFLOP ('too big' otherwise). End-to-end = N x measured "
@@ -255,7 +285,7 @@ def plot(rows: list[dict], summary: list[dict], args, device) -> None:
              title=f"latent speed-up ({device_label(device)})")
     ax_x.set_xticks(resolutions, [str(r) for r in resolutions])
     ax_x.legend(fontsize=8)
-    save_figure(fig, result_name(NAME, device))
+    save_figure(fig, result_name(stem(args), device))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,6 +295,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="sampling steps for the end-to-end comparison")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--vae", default="f16c16", help="VAE preset (its widths set the decode cost)")
+    parser.add_argument("--no-train", action="store_true", help="time sampling steps and decodes only")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time each sampling step as a replayed CUDA graph (no Python launch cost; "
+                        "results: latent_vs_pixel_graphs_cuda)")
     parser.add_argument("--max-gflop", type=float, default=None,
                         help="largest call to actually run (default: 2500 on CPU, no limit on CUDA)")
     return parser.parse_args(argv)

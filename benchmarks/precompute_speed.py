@@ -9,6 +9,11 @@
 Goal: the whole run at >= 90% of bare encode's images/s. Both use the same LatentCodec (same weights,
 device, dtype, batch size). On CPU the DataLoader workers share the cores that encode; on a GPU they do not.
 
+Where the rest of the time goes, per run: the encoder's own time (CUDA events around every `codec.encode` on a
+GPU, wall time on CPU), the main process's time handling what the loader delivered (stacking, copying,
+encoding; packing and parquet writes run in a writer thread beside it), and the remainder: waiting for the
+DataLoader workers' images.
+
     python -m benchmarks.precompute_speed                   # CPU: f16c16 at 256 px, about 2 minutes
     python -m benchmarks.precompute_speed --device cuda     # GPU defaults: 1024 px, bf16, batch 16, 256 images
 """
@@ -28,6 +33,7 @@ from PIL import Image
 from benchmarks.measure import result_name
 from benchmarks.report import device_label, synchronize, write_results
 from latent_vae import LatentCodec, build_vae
+from latent_vae import precompute  # StageClock patches its loop
 from latent_vae.codec import resolve_device
 from latent_vae.images import load_image
 from latent_vae.precompute import PrecomputeOptions, precompute_latents, prepare_image
@@ -70,19 +76,65 @@ def time_bare(codec: LatentCodec, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def time_precompute(codec: LatentCodec, folder: Path, out: Path, args) -> tuple[float, float]:
-    """(seconds from call to return, images/s of the encoding loop alone)"""
+class StageClock:
+    """Patches one run's codec and loop to time its stages: the encoder (CUDA events on a GPU: its time on the
+    device, not the host's), and the main process's handling of each delivered chunk (`_Run._take`)."""
+
+    def __init__(self, codec: LatentCodec) -> None:
+        self.codec, self.events, self.encode_wall, self.handling = codec, [], 0.0, 0.0
+
+    def __enter__(self) -> StageClock:
+        encode, take = self.codec.encode, precompute._Run._take
+
+        def timed_encode(*a, **k):
+            begin = time.perf_counter()
+            if self.codec.device.type == "cuda":
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record()
+                result = encode(*a, **k)
+                events[1].record()
+                self.events.append(events)
+            else:
+                result = encode(*a, **k)
+            self.encode_wall += time.perf_counter() - begin
+            return result
+
+        def timed_take(run, item):
+            begin = time.perf_counter()
+            take(run, item)
+            self.handling += time.perf_counter() - begin
+
+        self._take = take
+        self.codec.encode = timed_encode  # this instance only
+        precompute._Run._take = timed_take
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.codec.encode
+        precompute._Run._take = self._take
+
+    def encoder_seconds(self) -> float:
+        if not self.events:
+            return self.encode_wall
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1000
+
+
+def time_precompute(codec: LatentCodec, folder: Path, out: Path, args) -> dict:
+    """One whole run: seconds from call to return, the encoding loop's images/s, and its stages."""
     shutil.rmtree(out, ignore_errors=True)
-    synchronize(codec.device)
-    start = time.perf_counter()
-    summary = precompute_latents(codec, folder, out, resolution=args.resolution, dtype=args.storage_dtype,
-                                 batch_size=args.batch_size, num_workers=args.num_workers, max_upscale=2.0,
-                                 progress=False)
-    synchronize(codec.device)
-    seconds = time.perf_counter() - start
+    with StageClock(codec) as clock:
+        synchronize(codec.device)
+        start = time.perf_counter()
+        summary = precompute_latents(codec, folder, out, resolution=args.resolution, dtype=args.storage_dtype,
+                                     batch_size=args.batch_size, num_workers=args.num_workers, max_upscale=2.0,
+                                     progress=False)
+        synchronize(codec.device)
+        seconds = time.perf_counter() - start
     if summary.rows != args.num_images:
         raise RuntimeError(f"precompute wrote {summary.rows} of {args.num_images} images: {summary.line()}")
-    return seconds, summary.images_per_second
+    return {"seconds": seconds, "loop_rate": summary.images_per_second, "encoder": clock.encoder_seconds(),
+            "handling": clock.handling}
 
 
 def main() -> None:
@@ -115,33 +167,41 @@ def main() -> None:
         codec = LatentCodec(build_vae(args.model, seed=0), device=device, dtype=args.encode_dtype,
                             max_batch_size=args.batch_size, channels_last=args.channels_last)
         codec.encode(batches[0])  # warm-up: kernel selection, allocator
-        bare, whole, loop = [], [], []
-        for repeat in range(args.repeats):  # alternating, so that drift on a shared machine hits both
-            bare.append(time_bare(codec, batches))
-            seconds, loop_rate = time_precompute(codec, folder, out, args)
-            whole.append(seconds)
-            loop.append(loop_rate)
-            print(f"repeat {repeat}: bare {args.num_images / bare[-1]:.2f} img/s, whole {args.num_images / seconds:.2f} img/s")
+        bare, runs = [], []
+        for repeat in range(args.repeats):  # alternating, so that drift on a shared machine hits all
+            with StageClock(codec) as clock:
+                seconds = time_bare(codec, batches)
+            bare.append({"seconds": seconds, "encoder": clock.encoder_seconds(), "handling": seconds})
+            runs.append(time_precompute(codec, folder, out, args))
+            print(f"repeat {repeat}: bare {args.num_images / bare[-1]['seconds']:.2f} img/s, whole "
+                  f"{args.num_images / runs[-1]['seconds']:.2f} img/s", flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    bare_rate, whole_rate = args.num_images / min(bare), args.num_images / min(whole)
-    ratio = whole_rate / bare_rate
+    def row(variant: str, timings: list[dict]) -> dict:
+        best = min(timings, key=lambda t: t["seconds"])
+        return {"variant": variant, "images/s": args.num_images / best["seconds"],
+                "encoder": best["encoder"] / best["seconds"], "main process": best["handling"] / best["seconds"],
+                "waiting for images": 1 - best["handling"] / best["seconds"]}
+
     config = f"{args.model}, {args.resolution} px, batch {args.batch_size}, {args.encode_dtype} encode, {args.storage_dtype} storage"
-    rows = [
-        {"variant": "bare LatentCodec.encode (decoded tensors)", "images/s": bare_rate, "relative": 1.0},
-        {"variant": "precompute, encoding loop", "images/s": max(loop), "relative": max(loop) / bare_rate},
-        {"variant": "precompute, whole run", "images/s": whole_rate, "relative": ratio},
-    ]
-    for row in rows:
-        row.update(device=device_label(device), config=config)
+    rows = [row("bare LatentCodec.encode (decoded tensors)", bare), row("precompute, whole run", runs)]
+    bare_rate = rows[0]["images/s"]
+    for r in rows:
+        r.update(relative=r["images/s"] / bare_rate, device=device_label(device), config=config)
+    del rows[0]["waiting for images"]  # no loader
+    ratio = rows[1]["relative"]
     verdict = "met" if ratio >= GOAL else "NOT met"
     notes = (f"Goal: whole run >= {GOAL:.0%} of bare encode: {verdict} ({ratio:.1%}). {args.num_images} JPEGs of "
              f"1.1-1.6x the resolution, decoded and resized in DataLoader workers; best of {args.repeats}. "
              "The whole run counts folder scan, worker start-up, encoding and parquet writes (not process "
-             "start-up or model loading). On CPU the workers share the cores that encode.")
-    write_results(result_name(NAME, device), rows, notes=notes, columns=["variant", "images/s", "relative", "device", "config"],
+             "start-up or model loading). On CPU the workers share the cores that encode. Shares of each run's "
+             "time: 'encoder' = the encoder's own time (CUDA events on a GPU), 'main process' = handling the "
+             "loader's chunks (encoding included), 'waiting for images' = the rest.")
+    write_results(result_name(NAME, device), rows, notes=notes,
+                  columns=["variant", "images/s", "relative", "encoder", "main process", "waiting for images",
+                           "device", "config"],
                   extra={"goal": GOAL, "ratio": ratio, "args": vars(args)})
 
 

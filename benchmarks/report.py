@@ -79,6 +79,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
     columns = list(columns or rows[0].keys())
 
     def cell(value) -> str:
+        if value is None:
+            return ""
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
         return str(value)

@@ -112,7 +112,10 @@ def spawn(args: argparse.Namespace, **case) -> dict:
     for key, value in case.items():
         if value is not None:
             command += [f"--{key.replace('_', '-')}", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"not finished in {args.case_timeout:g} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -190,7 +193,8 @@ def main(args: argparse.Namespace) -> None:
                     rows.append(row)
                     print(row, flush=True)
                     write(args, device, rows)  # after every case, so that a cut-short run still leaves its rows
-                if direction == "decode" and {"whole", "diffusers", "recompute"} <= set(outputs) and not drawn:
+                if (direction == "decode" and {"whole", "diffusers", "recompute"} <= set(outputs) and not drawn
+                        and size >= 2 * DIFFUSERS_TILE):  # the figure shows where four of diffusers' tiles meet
                     drawn = True
                     seam_figure(outputs["whole"], outputs["diffusers"], outputs["recompute"], DIFFUSERS_TILE,
                                 result_name(f"{args.name}_seams", device),
@@ -198,11 +202,18 @@ def main(args: argparse.Namespace) -> None:
                                 f"{DIFFUSERS_TILE}-px tiles meet")
 
 
+def _peak_meaning(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated (model, input and output included; kept tiles live in host memory)"
+    return "the process's peak resident set (model and input included)"
+
+
 def write(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
     notes = (f"{device_label(device)}, {args.dtype}. Exact tiles: {args.tile_size}-px tiles, every tileable segment "
              f"forced to keep or recompute; diffusers: enable_tiling() with {DIFFUSERS_TILE}-px tiles, 25% overlap. "
-             f"Weights: {args.model_note}. Each case a fresh process (peak = the process's peak resident set, "
-             "model and input included). The CPU is shared with other jobs: compare times within this run only.")
+             f"Weights: {args.model_note}. Each case a fresh process; peak = {_peak_meaning(device)}. "
+             + ("The CPU is shared with other jobs: compare times within this run only." if device.type == "cpu"
+                else "Times include the host copies of kept tiles, not process start-up or model loading."))
     write_results(result_name(args.name, device), rows, notes=notes,
                   columns=["model", "size", "direction", "method", "seconds", "x_whole_time", "peak_MiB", "max_err",
                            "mean_err", "rel_l2", "plan"])
@@ -226,7 +237,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--presets", nargs="+", default=["f16c16", "f8c4"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048])
     parser.add_argument("--directions", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, "budget"],
+                        help="budget: what plan_coding picks for --max-memory (not run by default)")
+    parser.add_argument("--case-timeout", type=float, default=None, help="give up a case after this many seconds")
     parser.add_argument("--name", default=NAME, help="results file stem (default: tiling)")
     parser.add_argument("--tile-size", type=int, default=512, help="exact tiles' side in pixels (default: 512)")
     parser.add_argument("--max-memory", default="7GiB", help="budget for --decode-4096 and the budget method")

@@ -23,7 +23,9 @@ import os
 import sys
 import tarfile
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -183,15 +185,28 @@ def encode_prepared(codec, images: Sequence[PreparedImage], metadata: Sequence[d
     """The per-batch work, a pure function: prepared images of one size and their metadata ("key" and the
     passthrough columns) -> one output row each, as stored in a latent dataset. The run calls it for every batch;
     another engine can too (see `encode_images`)."""
-    pixels = torch.stack([image.pixels for image in images]).to(codec.device, non_blocking=True)
-    pixels = pixels.float().div_(127.5).sub_(1.0)
+    return _rows(images, metadata, *_encode_moments(codec, images, flip=flip, dtype=dtype), flip=flip, dtype=dtype)
+
+
+def _encode_moments(codec, images: Sequence[PreparedImage], *, flip: bool,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accelerator's part of `encode_prepared`: the posterior mean and std, in the storage dtype, on the CPU."""
+    pixels = torch.stack([image.pixels for image in images])
+    if codec.device.type == "cuda":  # page-locked: the copy to the GPU runs at full speed and asynchronously
+        pixels = pixels.pin_memory()
+    pixels = pixels.to(codec.device, non_blocking=True).float().div_(127.5).sub_(1.0)
     if flip:  # one forward pass for both: the mirrored images ride in the same batch
         pixels = torch.cat([pixels, pixels.flip(-1)])
     out = codec.encode(pixels, return_dict=True)
-    std = torch.exp(0.5 * out.logvar)
+    return out.mean.to(dtype).cpu(), torch.exp(0.5 * out.logvar).to(dtype).cpu()
+
+
+def _rows(images: Sequence[PreparedImage], metadata: Sequence[dict], mean: torch.Tensor, std: torch.Tensor, *,
+          flip: bool, dtype: torch.dtype) -> list[dict]:
+    """The host's part of `encode_prepared`: one output row per image."""
     n = len(images)
-    means, stds = fmt.pack(out.mean, dtype), fmt.pack(std, dtype)
-    shape = list(out.mean.shape[1:])
+    means, stds = fmt.pack(mean, dtype), fmt.pack(std, dtype)
+    shape = list(mean.shape[1:])
     rows = []
     for i, (image, meta) in enumerate(zip(images, metadata)):
         row = {**meta, fmt.KEY: str(meta[fmt.KEY]), fmt.MEAN: means[i], fmt.STD: stds[i], fmt.LATENT_SHAPE: shape,
@@ -229,6 +244,13 @@ def encode_images(codec, images: Sequence[Image.Image], metadata: Sequence[dict]
 # -- reading shards in DataLoader workers --------------------------------------------------------------------------
 
 
+# Batches the writer thread may lag behind the encoder (each holds a batch of latents in host memory).
+WRITES_AHEAD = 4
+
+# What reading a damaged input shard raises (a truncated tar or parquet file): the shard's one failure.
+SHARD_READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError, KeyError)
+
+
 class ShardReader(torch.utils.data.IterableDataset):
     """Claims shards, then yields for each, in lists: {"kind": "start"}, its images (prepared) or failures, {"kind": "end"}.
 
@@ -237,9 +259,9 @@ class ShardReader(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, source: Source, order: list[int], out: Path, owner: Owner, options: PrecomputeOptions,
-                 buckets: list[tuple[int, int]] | None) -> None:
+                 buckets: list[tuple[int, int]] | None, decode_threads: int = 1) -> None:
         self.source, self.order, self.out, self.owner = source, order, out, owner
-        self.options, self.buckets = options, buckets
+        self.options, self.buckets, self.decode_threads = options, buckets, decode_threads
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
@@ -262,12 +284,12 @@ class ShardReader(torch.utils.data.IterableDataset):
             # otherwise bound by the DataLoader's per-message cost).
             chunk = [{"kind": "start", "shard": shard.name, "source": getattr(shard, "path", shard.name)}]
             try:
-                for sample in shard.samples():
-                    chunk.append(self._item(shard.name, sample))
+                for item in self._items(shard):
+                    chunk.append(item)
                     if len(chunk) >= self.options.batch_size:
                         yield chunk
                         chunk = []
-            except (OSError, EOFError, tarfile.TarError, ValueError, KeyError) as error:
+            except SHARD_READ_ERRORS as error:
                 # A truncated download or a bad file: what was read stays, the rest is one failure of the shard.
                 chunk.append({"kind": "failure", "shard": shard.name, "key": f"{shard.name}#unread",
                               "source": shard.name, "reason": "unreadable_shard",
@@ -275,6 +297,28 @@ class ShardReader(torch.utils.data.IterableDataset):
                               f"({type(error).__name__}: {error})"})
             heartbeat.discard(claims.path(shard.name))
             yield [*chunk, {"kind": "end", "shard": shard.name}]
+
+    def _items(self, shard):
+        """The shard's items in order. With several decode threads (Pillow decodes and resizes without the GIL),
+        samples are read in this thread and decoded in a pool: a shard is not bound to one core (one virtual
+        shard of a small folder was read by one worker, at a third of the speed a GPU encodes)."""
+        if self.decode_threads <= 1:
+            for sample in shard.samples():
+                yield self._item(shard.name, sample)
+            return
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+            pending, cut = deque(), None
+            try:
+                for sample in shard.samples():
+                    pending.append(pool.submit(self._item, shard.name, sample))
+                    if len(pending) >= 2 * self.decode_threads:  # bounded read-ahead: a few images a thread
+                        yield pending.popleft().result()
+            except SHARD_READ_ERRORS as error:
+                cut = error  # raised after the images read before the cut: those are kept
+            while pending:
+                yield pending.popleft().result()
+            if cut is not None:
+                raise cut
 
     def _item(self, shard: str, sample) -> dict:
         if sample.image is None:  # a tar sample without an image member, a null in the image column
@@ -354,9 +398,14 @@ def _make_codec(model: Any, options: PrecomputeOptions, device: torch.device):
     return codec, source
 
 
-def _default_workers(local_world_size: int) -> int:
+def _cpus_per_process() -> int:
+    """This process's share of the cores (torchrun's LOCAL_WORLD_SIZE processes share one node's)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cpus // max(1, local_world_size) - 1))
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _default_workers() -> int:
+    return max(1, min(16, _cpus_per_process() - 1))  # one core stays with the process that encodes
 
 
 def _options(options: PrecomputeOptions | None, overrides: dict) -> PrecomputeOptions:
@@ -390,6 +439,10 @@ class _Run:
         self.encoded = self.failed = self.committed = 0
         self.open: dict[str, _OpenShard] = {}
         self.groups: dict[tuple[int, ...], list[dict]] = {}
+        # Rows are packed and shards written and committed in one background thread, in order, while this
+        # thread feeds the accelerator the next batch (else it idles through every parquet write).
+        self.writer_thread = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self.written: deque[Future] = deque()
 
     def run(self, workers: int) -> None:
         names = [s.name for s in self.source.shards]
@@ -406,8 +459,11 @@ class _Run:
 
     def _pass(self, order: list[int], workers: int) -> None:
         workers = min(workers, len(order))
+        # Fewer shards than workers (a small folder is one virtual shard): the cores left idle decode in threads.
+        threads = max(1, _cpus_per_process() // max(1, workers))
         loader = torch.utils.data.DataLoader(
-            ShardReader(self.source, order, self.out, self.owner, self.options, self.buckets), batch_size=None,
+            ShardReader(self.source, order, self.out, self.owner, self.options, self.buckets, threads),
+            batch_size=None,
             num_workers=workers, collate_fn=_passthrough_collate,
             # two chunks (about a batch each) ready per worker, so the encoder never waits for a decode
             prefetch_factor=2 if workers else None)
@@ -415,12 +471,24 @@ class _Run:
             for chunk in loader:
                 for item in chunk:
                     self._take(item)
+            while self.written:
+                self.written.popleft().result()  # a write's error is raised here
         finally:
-            for name, shard in self.open.items():  # an error or an interrupt: nothing half-written stays behind
+            for future in self.written:  # an error or an interrupt: stop writing, then remove what is half-written
+                future.cancel()
+            wait(self.written)
+            self.written.clear()
+            for name, shard in self.open.items():
                 shard.writer.abort()
                 self.claims.release(name)
             self.open.clear()
             self.groups.clear()
+
+    def _in_writer(self, work, *args) -> None:
+        """Run `work(*args)` in the writer thread after what was handed to it before; raise its earlier errors."""
+        while self.written and (self.written[0].done() or len(self.written) > WRITES_AHEAD):
+            self.written.popleft().result()
+        self.written.append(self.writer_thread.submit(work, *args))
 
     def _take(self, item: dict) -> None:
         kind, name = item["kind"], item["shard"]
@@ -442,24 +510,29 @@ class _Run:
         else:  # "end": encode what is left of the shard, then commit it
             for size in [s for s, group in self.groups.items() if any(i["shard"] == name for i in group)]:
                 self._encode(size)
-            self._commit(name)
+            self._in_writer(self._commit, name)
 
     def _encode(self, size: tuple[int, ...]) -> None:
         items = self.groups.pop(size)
-        rows = encode_prepared(self.codec, [i["prepared"] for i in items], [i["metadata"] for i in items],
-                               flip=self.options.flip, dtype=self.storage)
-        for item, row in zip(items, rows):
-            self.open[item["shard"]].writer.add(row)
+        images = [i["prepared"] for i in items]
+        moments = _encode_moments(self.codec, images, flip=self.options.flip, dtype=self.storage)
+        self._in_writer(self._write_rows, [self.open[i["shard"]] for i in items], items, images, moments)
         self.encoded += len(items)
         self.progress.update(len(items))
 
+    def _write_rows(self, shards: list[_OpenShard], items: list[dict], images: list[PreparedImage], moments) -> None:
+        rows = _rows(images, [i["metadata"] for i in items], *moments, flip=self.options.flip, dtype=self.storage)
+        for shard, row in zip(shards, rows):
+            shard.writer.add(row)
+
     def _commit(self, name: str) -> None:
-        shard = self.open.pop(name)
+        shard = self.open[name]
         staged, checksum = shard.writer.finish()
         manifest = fmt.Manifest(name, str(shard.source), shard.writer.rows, shard.failures, checksum, staged.name,
                                 HOST, os.getpid(), self.owner.run_id, time.time())
         if fmt.commit_shard(self.out, manifest, staged):
             self.committed += 1
+        del self.open[name]
         self.heartbeat.discard(self.claims.path(name))
         self.claims.release(name)
 
@@ -518,8 +591,7 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     names = info.input_shards
     done_before = sum(fmt.shard_state(out, n) == "complete" for n in names)
     order = shard_order(len(names), state.process_index, state.num_processes)
-    workers = opts.num_workers if opts.num_workers is not None else _default_workers(
-        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = opts.num_workers if opts.num_workers is not None else _default_workers()
     progress = tqdm(unit="img", desc="precompute", dynamic_ncols=True,
                     disable=not (opts.progress and state.is_local_main_process))
     run = _Run(codec, source, out, opts, bucket_list, order, fmt.output_features(source.passthrough, opts.flip),

@@ -54,6 +54,10 @@ BASE_BYTES = 600 * 2**20
 # diffusers' untiled forward holds more at its peak than this executor's liveness count of the same program
 # (calibrated on the whole-image rows of benchmarks/results/tiling*.json).
 WHOLE_PATH_FACTOR = 1.35
+# On CUDA a tensor of one image with 2**31 elements or more (128 channels at 4096x4096) leaves the fast kernels
+# (cuDNN splits a batch into int32-indexable parts, but cannot split one image): the whole 4096x4096 f16c16
+# decode is slower than exact tiles (benchmarks/results/tiling_large_cuda.md). Such levels are tiled on CUDA.
+CUDA_WHOLE_ELEMENTS = 2**31
 
 
 # -- operations -------------------------------------------------------------------------------------
@@ -814,8 +818,12 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
     def estimate(strategies, tile):
         return estimate_bytes(program, size, batch, itemsize, strategies, tile, weights, on_cuda)
 
+    sizes, channels = program.sizes(*size), program.channels()
+    too_big_whole = [on_cuda and not segment.whole_only and max(
+        channels[op.dst] * sizes[op.dst][0] * sizes[op.dst][1] for op in segment.ops) >= CUDA_WHOLE_ELEMENTS
+        for segment in segments]
     whole_bytes = int(estimate(whole, 0) * WHOLE_PATH_FACTOR)
-    if tile_size is None and strategy is None and whole_bytes <= budget:
+    if tile_size is None and strategy is None and whole_bytes <= budget and not any(too_big_whole):
         return CodingPlan(True, whole, 0, whole_bytes, budget)
     tiles = (tile_size,) if tile_size is not None else TILE_SIZES
     forced = tile_size is not None or strategy is not None
@@ -823,14 +831,17 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
         options = (strategy,)
     elif forced:
         options = ("keep", "recompute")
-    else:  # on CPU "keep" holds what "whole" holds; on CUDA it holds it in host memory instead of on the device
-        options = ("whole", "keep", "recompute") if on_cuda else ("whole", "recompute")
-    host_budget = default_budget(torch.device("cpu")) if on_cuda else None
+    else:
+        # On CPU "keep" holds what "whole" holds, so it never helps. On CUDA it holds it in host memory, and the
+        # copies cost more than recomputing (benchmarks/results/tiling_large_cuda.md): an expert's choice there.
+        options = ("whole", "recompute")
+    # On CUDA kept intermediates live in host memory: they must fit there too.
+    host_budget = default_budget(torch.device("cpu")) if on_cuda and "keep" in options else None
     fixed = tuple("whole" if s.whole_only else options[-1] for s in segments)
 
     def fits(strategies, tile):
         if estimate(strategies, tile) > budget:
-            return False  # on CUDA kept intermediates live in host memory: they must fit there
+            return False
         return host_budget is None or "keep" not in strategies or estimate_bytes(
             program, size, batch, itemsize, strategies, tile, 0, False) <= host_budget
 
@@ -840,6 +851,8 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
         strategies = list(fixed)
         for i, segment in enumerate(segments):  # the fastest strategy per segment that keeps the peak in budget
             for option in options[:-1] if not segment.whole_only else ():
+                if option == "whole" and too_big_whole[i]:
+                    continue
                 trial = tuple(strategies[:i]) + (option,) + tuple(strategies[i + 1 :])
                 if fits(trial, tile):
                     strategies[i] = option

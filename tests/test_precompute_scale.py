@@ -189,6 +189,34 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(model_dir, tmp_pat
     assert not list((out / "claims").iterdir()) and verify_latents(out).ok
 
 
+def test_decode_threads_keep_a_shards_order_and_what_was_read_before_a_cut(tmp_path):
+    # A shard's images may be decoded in a thread pool (one big shard must not be bound to one core): the items
+    # still arrive in the shard's order, and a shard cut short keeps the images read before the cut.
+    from latent_vae.claims import Owner
+    from latent_vae.precompute import ShardReader
+    from latent_vae.sources import open_source
+
+    write_tar(tmp_path / "whole.tar", [(f"{i:03d}.jpg", jpeg(i, (40 + 8 * (i % 3), 48))) for i in range(12)])
+    whole = (tmp_path / "whole.tar").read_bytes()
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "00000.tar").write_bytes(whole)
+    (tmp_path / "tars" / "00001.tar").write_bytes(whole[: len(whole) * 2 // 3])
+    source = open_source(str(tmp_path / "tars"))
+    options = PrecomputeOptions(resolution=RES, batch_size=3, dtype="fp32")
+
+    def read(threads: int) -> list[tuple]:
+        reader = ShardReader(source, [0, 1], tmp_path / f"out{threads}", Owner.this_process(), options, None, threads)
+        (tmp_path / f"out{threads}" / "claims").mkdir(parents=True)
+        return [(i["kind"], i.get("key") or i.get("metadata", {}).get("key"),
+                 i["prepared"].pixels.sum().item() if i["kind"] == "image" else None)
+                for chunk in reader for i in chunk]
+
+    one, many = read(1), read(5)
+    assert one == many
+    kept_before_cut = [key for kind, key, _ in one[one.index(("start", None, None), 1):] if kind == "image"]
+    assert 0 < len(kept_before_cut) < 12 and [k for k, _, _ in one].count("failure") == 1
+
+
 def test_debris_of_a_run_killed_while_claiming_blocks_nothing(model_dir, tmp_path):
     # A kill between creating a claim and writing its owner used to leave an empty claim that every rerun
     # waited on for the whole claim timeout. Claims are now published whole; debris (empty, damaged) is stale,
@@ -260,11 +288,13 @@ def test_streaming_reads_every_row_once_over_two_ranks_and_two_workers(latent_di
     torch.testing.assert_close(second[first[0]], everything[index]["latents"])
 
 
-def test_a_run_that_fails_leaves_nothing_that_blocks_the_next_run_in_the_same_process(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["_encode_moments", "_rows"])  # the encoder (this thread), the writer thread
+def test_a_run_that_fails_leaves_nothing_that_blocks_the_next_run_in_the_same_process(model_dir, tmp_path,
+                                                                                       monkeypatch, failing):
     from latent_vae import precompute
 
     samples = img2dataset_shards(tmp_path / "tars", shards=3, per_shard=4)
-    real, calls = precompute.encode_prepared, []
+    real, calls = getattr(precompute, failing), []
 
     def fails_on_the_third_batch(*args, **kwargs):
         calls.append(1)
@@ -272,7 +302,7 @@ def test_a_run_that_fails_leaves_nothing_that_blocks_the_next_run_in_the_same_pr
             raise RuntimeError("out of memory, say")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(precompute, "encode_prepared", fails_on_the_third_batch)
+    monkeypatch.setattr(precompute, failing, fails_on_the_third_batch)
     out = tmp_path / "latents"
     options = {**FAST, "batch_size": 2, "num_workers": 1, "claim_timeout": 120.0}
     with pytest.raises(RuntimeError, match="out of memory"):

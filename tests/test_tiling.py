@@ -220,3 +220,30 @@ def test_default_cuda_budget_counts_the_allocators_cached_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
     assert default_budget(torch.device("cuda")) == int(0.9 * 14 * gib)
+
+
+def test_cuda_plans_tile_levels_too_big_for_fast_kernels_and_recompute_rather_than_copy_to_host():
+    """Planned for CUDA (arithmetic only: no GPU is needed). A decoder level whose tensor of one image has 2**31
+    elements or more is tiled even when memory is plentiful; automatic CUDA plans never keep tiles in host
+    memory; a batch of small images stays whole (cuDNN splits a batch)."""
+    from latent_vae.tiling import CUDA_WHOLE_ELEMENTS, program_for
+
+    vae = build_vae("f16c16-tiny", seed=0)
+    program = program_for(vae, "decode")
+    latent = (1, vae.config.latent_channels, 1024, 1024)  # a 16384x16384 image
+    sizes, channels = program.sizes(*latent[-2:]), program.channels()
+    huge = [any(channels[op.dst] * sizes[op.dst][0] * sizes[op.dst][1] >= CUDA_WHOLE_ELEMENTS for op in segment.ops)
+            for segment in program.segments]
+    assert any(huge) and not all(huge)
+    plentiful = "1000TB"
+    on_cpu = plan_coding(vae, "decode", latent, max_memory=plentiful, device="cpu")
+    on_cuda = plan_coding(vae, "decode", latent, max_memory=plentiful, device="cuda")
+    assert on_cpu.whole
+    assert not on_cuda.whole and "keep" not in on_cuda.strategies
+    assert [s != "whole" for s in on_cuda.strategies] == huge
+    tight = plan_coding(vae, "decode", latent, max_memory=on_cuda.estimated_bytes // 4, device="cuda")
+    assert "keep" not in tight.strategies and tight.estimated_bytes <= on_cuda.estimated_bytes // 4
+    forced = plan_coding(vae, "decode", latent, max_memory=plentiful, device="cuda", strategy="keep")
+    assert "keep" in forced.strategies
+    batch = plan_coding(vae, "decode", (64, vae.config.latent_channels, 64, 64), max_memory=plentiful, device="cuda")
+    assert batch.whole
