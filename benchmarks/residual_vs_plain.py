@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import RESULTS_DIR, photo_folder, write_results
@@ -32,6 +31,7 @@ from latent_vae.images import load_image, pil_to_tensor
 from latent_vae.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
 from latent_vae.model import build_vae, count_parameters
 from latent_vae.presets import get_preset
+from training.data import center_crop
 
 EVAL_SIZE = 256
 
@@ -111,20 +111,8 @@ def build(arm: Arm, seed: int):
     return vae
 
 
-def centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre crop; an image whose short side is below `size` is first enlarged (bicubic) to reach it."""
-    h, w = image.shape[-2:]
-    if min(h, w) < size:
-        scale = size / min(h, w)
-        image = F.interpolate(image[None], size=(math.ceil(h * scale), math.ceil(w * scale)), mode="bicubic",
-                              align_corners=False)[0].clamp(-1, 1)
-        h, w = image.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[:, top: top + size, left: left + size]
-
-
 def eval_images(data: Path) -> torch.Tensor:
-    return torch.stack([centre_crop(pil_to_tensor(load_image(p)), EVAL_SIZE) for p in sorted((data / "cset14").glob("*.png"))])
+    return torch.stack([center_crop(load_image(p), EVAL_SIZE) for p in sorted((data / "cset14").glob("*.png"))])
 
 
 def random_crops(photos: list[torch.Tensor], batch: int, crop: int, generator: torch.Generator) -> torch.Tensor:

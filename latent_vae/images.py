@@ -128,11 +128,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where a centre crop comes from: resize by `scale` so the image covers `target`, cut the middle out."""
+
+    target: tuple[int, int]  # (H, W) after the crop
+    box: tuple[float, float, float, float]  # (left, top, right, bottom) in the original image
+    scale: float  # resize factor original -> target
+    top_left: tuple[int, int]  # (top, left) of the crop in the resized image: SDXL's crops_coords_top_left
+
+
+def centre_crop(height: int, width: int, target: tuple[int, int]) -> Crop:
+    """Resize so the image covers `target`, then cut the middle out."""
+    th, tw = target
+    scale = max(th / height, tw / width)
+    box_w, box_h = tw / scale, th / scale
+    # Clamped: rounding can put the box a hair outside the image, which Pillow refuses.
+    left, top = max(0.0, (width - box_w) / 2), max(0.0, (height - box_h) / 2)
+    box = (left, top, min(float(width), left + box_w), min(float(height), top + box_h))
+    return Crop(target, box, scale, (round(top * scale), round(left * scale)))
+
+
+def resize_crop(image: Image.Image, crop: Crop) -> Image.Image:
+    """Cut and resize in one resampling (Lanczos, antialiased when shrinking)."""
+    return image.resize((crop.target[1], crop.target[0]), Image.Resampling.LANCZOS, box=crop.box, reducing_gap=3.0)
+
+
 def centre_square(image: Image.Image, size: int) -> Image.Image:
-    """The largest centred square of the image, resized to size x size (bicubic)."""
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    """The largest centred square of the image at size x size: the pixels `latent-vae precompute` encodes."""
+    return resize_crop(image, centre_crop(image.height, image.width, (size, size)))
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -37,7 +37,7 @@ from PIL import Image
 from . import latents as fmt
 from .atomic import atomic_write_text
 from .claims import HOST, Claims, Heartbeat, Owner
-from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageError, centre_crop, load_image, resize_crop
 from .sources import Source, open_source
 
 
@@ -113,25 +113,6 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) 
     return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
 
 
-@dataclass(frozen=True)
-class Crop:
-    target: tuple[int, int]  # (H, W) encoded
-    box: tuple[float, float, float, float]  # (left, top, right, bottom) in the original image
-    scale: float  # resize factor original -> target
-    top_left: tuple[int, int]  # (top, left) of the crop in the resized image: SDXL's crops_coords_top_left
-
-
-def centre_crop(height: int, width: int, target: tuple[int, int]) -> Crop:
-    """Resize so the image covers `target`, then cut the middle out."""
-    th, tw = target
-    scale = max(th / height, tw / width)
-    box_w, box_h = tw / scale, th / scale
-    # Clamped: rounding can put the box a hair outside the image, which Pillow refuses.
-    left, top = max(0.0, (width - box_w) / 2), max(0.0, (height - box_h) / 2)
-    box = (left, top, min(float(width), left + box_w), min(float(height), top + box_h))
-    return Crop(target, box, scale, (round(top * scale), round(left * scale)))
-
-
 class SkipImage(Exception):
     """An input that cannot be used; `reason` is one short word for counting."""
 
@@ -172,7 +153,7 @@ def prepare_image(image: Image.Image, options: PrecomputeOptions,
     if crop.scale > options.max_upscale + 1e-9:
         raise SkipImage("too_small", f"{width}x{height} is too small for {target[1]}x{target[0]} "
                         f"(needs {crop.scale:.2f}x upscaling, at most {options.max_upscale:g}x allowed)")
-    pixels = image.resize((target[1], target[0]), Image.Resampling.LANCZOS, box=crop.box, reducing_gap=3.0)
+    pixels = resize_crop(image, crop)
     return PreparedImage(torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1), [height, width],
                          list(crop.top_left), list(target))
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from latent_vae import LatentCodec, build_vae, cli, save_vae
+from latent_vae.images import centre_crop
 from latent_vae.latents import (
     BucketBatchSampler,
     LatentInfo,
@@ -29,7 +30,7 @@ from latent_vae.latents import (
     unpack,
     verify_latents,
 )
-from latent_vae.precompute import centre_crop, make_buckets, nearest_bucket, precompute_latents
+from latent_vae.precompute import make_buckets, nearest_bucket, precompute_latents
 
 RES = 32
 FAST = {"num_workers": 0, "batch_size": 2, "progress": False}
@@ -193,6 +194,19 @@ def test_buckets_have_equal_area_and_sides_divisible_by_16():
         for width in range(40, 120, 3):
             left, top, right, bottom = centre_crop(height, width, (32, 32)).box
             assert 0 <= left < right <= width and 0 <= top < bottom <= height
+
+
+def test_the_cli_square_crop_is_the_pixels_precompute_encodes():
+    # One crop: `latent-vae reconstruct/interpolate/calibrate` (centre_square) and precompute cut and resample alike.
+    from latent_vae.images import centre_square
+    from latent_vae.precompute import PrecomputeOptions, prepare_image
+
+    rng = np.random.default_rng(3)
+    for height, width in [(300, 200), (90, 170), (64, 64)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        square = np.asarray(centre_square(image, 48))
+        prepared = prepare_image(image, PrecomputeOptions(resolution=48)).pixels.permute(1, 2, 0).numpy()
+        assert square.shape == (48, 48, 3) and (square == prepared).all()
 
 
 def test_bucketed_precompute_records_sizes_and_batches_by_shape(model_dir, tmp_path):
