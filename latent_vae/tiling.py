@@ -58,6 +58,8 @@ WHOLE_PATH_FACTOR = 1.35
 # (cuDNN splits a batch into int32-indexable parts, but cannot split one image): the whole 4096x4096 f16c16
 # decode is slower than exact tiles (benchmarks/results/tiling_large_cuda.md). Such levels are tiled on CUDA.
 CUDA_WHOLE_ELEMENTS = 2**31
+# Elements of fp32 temporaries a bf16/fp16 GroupNorm makes at a time (64 MiB each).
+HALF_NORM_CHUNK = 2**24
 
 
 # -- operations -------------------------------------------------------------------------------------
@@ -160,11 +162,19 @@ class Norm(Op):
         mean = mean.repeat_interleave(per_channel, 1)
         var = rstd.pow(-2).sub(self.norm.eps).clamp_min(0).repeat_interleave(per_channel, 1)
         weight, bias = (self.norm.weight, self.norm.bias) if self.norm.affine else (None, None)
-        if x.dtype != torch.float32:  # bf16/fp16: normalise in fp32 as GroupNorm does, then round once
-            out = F.batch_norm(x.float().reshape(1, n * c, *x.shape[2:]), mean.flatten().float(),
-                               var.flatten().float(), None if weight is None else weight.float().repeat(n),
-                               None if bias is None else bias.float().repeat(n), False, 0.0, self.norm.eps)
-            out = out.reshape(x.shape).to(x.dtype)
+        if x.dtype != torch.float32:
+            # bf16/fp16: normalise in fp32 as GroupNorm does, then round once; a few groups at a time, so that
+            # the fp32 temporaries stay small (whole, they are four times the tensor: a 1 GiB bf16 level held
+            # 4 GiB more than the memory policy counts)
+            out = x if inplace else torch.empty_like(x)
+            step = max(per_channel, HALF_NORM_CHUNK // (n * x[0, 0].numel()) // per_channel * per_channel)
+            for lo in range(0, c, step):
+                hi = min(c, lo + step)
+                part = F.batch_norm(
+                    x[:, lo:hi].float().reshape(1, n * (hi - lo), *x.shape[2:]), mean[:, lo:hi].flatten().float(),
+                    var[:, lo:hi].flatten().float(), None if weight is None else weight[lo:hi].float().repeat(n),
+                    None if bias is None else bias[lo:hi].float().repeat(n), False, 0.0, self.norm.eps)
+                out[:, lo:hi] = part.reshape(n, hi - lo, *x.shape[2:])
         elif n == 1:
             # (x - mean) / sqrt(var + eps) * weight + bias, GroupNorm's formula, in one fused pass: batch_norm
             # in inference mode with the group statistics as running statistics, channel by channel
