@@ -7,7 +7,9 @@ How the run is organised, and why:
   nodes, never work on the same shard at once; each rank first tries the shards that its global rank
   points to (RANK/WORLD_SIZE, as torchrun and accelerate set them), then helps with the others.
 - DataLoader workers claim shards, read their samples and decode, resize and crop the images (through the
-  project's one image reader) while the main process encodes batches: decoding overlaps encoding.
+  project's one image reader; in a thread pool over the cores that idle workers leave) while the main process
+  encodes batches, and a writer thread packs the latents and writes and commits the shards: decoding,
+  encoding and writing overlap.
 - A finished shard is committed by its manifest (an exclusive hard link: of two processes that ever
   finish one shard, only the first commits). A rerun skips complete shards and redoes the others; a run
   killed anywhere loses only the shards it had in flight (about one per DataLoader worker).
@@ -281,8 +283,8 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     def _items(self, shard):
         """The shard's items in order. With several decode threads (Pillow decodes and resizes without the GIL),
-        samples are read in this thread and decoded in a pool: a shard is not bound to one core (one virtual
-        shard of a small folder was read by one worker, at a third of the speed a GPU encodes)."""
+        samples are read in this thread and decoded in a pool: a shard is not bound to one core (a small folder
+        is one virtual shard: one core decoded it all while the GPU waited)."""
         if self.decode_threads <= 1:
             for sample in shard.samples():
                 yield self._item(shard.name, sample)
@@ -429,13 +431,16 @@ class _Run:
         names = [s.name for s in self.source.shards]
         poll = min(2.0, max(0.2, self.options.claim_timeout / 20))
         left = [i for i in self.order if fmt.shard_state(self.out, names[i]) != "complete"]
-        while left:
-            free = [i for i in left if not self.claims.held(names[i])]
-            if free:
-                self._pass(free, workers)
-            else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale
-                time.sleep(poll)
-            left = [i for i in left if fmt.shard_state(self.out, names[i]) != "complete"]
+        try:
+            while left:
+                free = [i for i in left if not self.claims.held(names[i])]
+                if free:
+                    self._pass(free, workers)
+                else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale
+                    time.sleep(poll)
+                left = [i for i in left if fmt.shard_state(self.out, names[i]) != "complete"]
+        finally:
+            self.writer_thread.shutdown()
         self.claims.clear_stale()
 
     def _pass(self, order: list[int], workers: int) -> None:
