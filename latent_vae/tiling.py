@@ -52,8 +52,9 @@ TILE_SIZES = (2048, 1024, 512, 256, 128, 64)  # candidates the policy tries, lar
 ESTIMATE_SLACK = 1.2
 BASE_BYTES = 600 * 2**20
 # diffusers' untiled forward holds more at its peak than this executor's liveness count of the same program
-# (calibrated on the whole-image rows of benchmarks/results/tiling*.json).
-WHOLE_PATH_FACTOR = 1.35
+# (calibrated on the whole-image rows of benchmarks/results/tiling*.json: resident sets on CPU, allocator
+# peaks on CUDA; the larger of the two CUDA rows sets its factor).
+WHOLE_PATH_FACTOR = {"cpu": 1.35, "cuda": 1.6}
 # On CUDA a tensor of one image with 2**31 elements or more (128 channels at 4096x4096) leaves the fast kernels
 # (cuDNN splits a batch into int32-indexable parts, but cannot split one image): the whole 4096x4096 f16c16
 # decode is slower than exact tiles (benchmarks/results/tiling_large_cuda.md). Such levels are tiled on CUDA.
@@ -832,7 +833,7 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
     too_big_whole = [on_cuda and not segment.whole_only and max(
         channels[op.dst] * sizes[op.dst][0] * sizes[op.dst][1] for op in segment.ops) >= CUDA_WHOLE_ELEMENTS
         for segment in segments]
-    whole_bytes = int(estimate(whole, 0) * WHOLE_PATH_FACTOR)
+    whole_bytes = int(estimate(whole, 0) * WHOLE_PATH_FACTOR["cuda" if on_cuda else "cpu"])
     if tile_size is None and strategy is None and whole_bytes <= budget and not any(too_big_whole):
         return CodingPlan(True, whole, 0, whole_bytes, budget)
     tiles = (tile_size,) if tile_size is not None else TILE_SIZES
