@@ -1,4 +1,4 @@
-"""The one image reader (`latent_vae.images.load_image`) and the atomic-write helpers."""
+"""The one image reader (`latent_vae.images.load_image`), image tensor checks and the atomic-write helpers."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latent_vae.atomic import atomic_directory, atomic_path, atomic_write_text
-from latent_vae.images import ImageError, load_image
+from latent_vae.images import ImageError, check_image_tensor, load_image
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -92,3 +93,14 @@ def test_atomic_writes_leave_the_old_file_on_error(tmp_path):
         (tmp / "c.txt").write_text("3")
     assert sorted(p.name for p in folder.iterdir()) == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "state.json"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_value_in_an_image_tensor_is_refused(bad):
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert check_image_tensor(images.to(torch.bfloat16)).shape == (2, 3, 8, 8)
+    images[1, 2, 5, 3] = bad
+    with pytest.raises(ImageError, match="NaN or inf"):
+        check_image_tensor(images)
+    with pytest.raises(ImageError, match=r"\[0, 255\]"):
+        check_image_tensor(torch.rand(1, 3, 8, 8) * 255)
