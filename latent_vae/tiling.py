@@ -57,7 +57,7 @@ BASE_BYTES = 600 * 2**20
 WHOLE_PATH_FACTOR = {"cpu": 1.35, "cuda": 1.6}
 # On CUDA a tensor of one image with 2**31 elements or more (128 channels at 4096x4096) leaves the fast kernels
 # (cuDNN splits a batch into int32-indexable parts, but cannot split one image): the whole 4096x4096 f16c16
-# decode is slower than exact tiles (benchmarks/results/tiling_large_cuda.md). Such levels are tiled on CUDA.
+# decode is slower than exact tiles (benchmarks/results/tiling_cuda.md). Such levels are tiled on CUDA.
 CUDA_WHOLE_ELEMENTS = 2**31
 # Elements of fp32 temporaries a bf16/fp16 GroupNorm makes at a time (64 MiB each).
 HALF_NORM_CHUNK = 2**24
@@ -844,7 +844,7 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
         options = ("keep", "recompute")
     else:
         # On CPU "keep" holds what "whole" holds, so it never helps. On CUDA it holds it in host memory, and the
-        # copies cost more than recomputing (benchmarks/results/tiling_large_cuda.md): an expert's choice there.
+        # copies cost more than recomputing (benchmarks/results/tiling_cuda.md): an expert's choice there.
         options = ("whole", "recompute")
     # On CUDA kept intermediates live in host memory: they must fit there too.
     host_budget = default_budget(torch.device("cpu")) if on_cuda and "keep" in options else None
