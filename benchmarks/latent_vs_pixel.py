@@ -227,8 +227,7 @@ def build_notes(args, device, dtype, summary: list[dict], max_gflop: float) -> s
         "(inference in that dtype, training with fp32 weights under autocast). "
         + ("Sampling steps are replayed CUDA graphs (captured once per shape); training and decode run eagerly. "
            if args.cuda_graphs else "")
-        + 
-        "FLOPs are counted by `torch.utils.flop_counter` on the meta device for every size; times (the fastest "
+        + "FLOPs are counted by `torch.utils.flop_counter` on the meta device for every size; times (the fastest "
         "of up to 5 repeats: the machine may be shared) and memory only where a call costs at most "
         f"{max_gflop:g} GFLOP ('too big' otherwise). End-to-end = N x measured "
         "step + one measured decode (the scheduler's arithmetic is negligible). Peak memory: what the call adds "

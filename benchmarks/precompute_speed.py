@@ -121,7 +121,7 @@ class StageClock:
 
 
 def time_precompute(codec: LatentCodec, folder: Path, out: Path, args) -> dict:
-    """One whole run: seconds from call to return, the encoding loop's images/s, and its stages."""
+    """One whole run: seconds from call to return, and its stages."""
     shutil.rmtree(out, ignore_errors=True)
     with StageClock(codec) as clock:
         synchronize(codec.device)
@@ -133,8 +133,7 @@ def time_precompute(codec: LatentCodec, folder: Path, out: Path, args) -> dict:
         seconds = time.perf_counter() - start
     if summary.rows != args.num_images:
         raise RuntimeError(f"precompute wrote {summary.rows} of {args.num_images} images: {summary.line()}")
-    return {"seconds": seconds, "loop_rate": summary.images_per_second, "encoder": clock.encoder_seconds(),
-            "handling": clock.handling}
+    return {"seconds": seconds, "encoder": clock.encoder_seconds(), "handling": clock.handling}
 
 
 def main() -> None:
