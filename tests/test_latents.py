@@ -197,7 +197,7 @@ def test_buckets_have_equal_area_and_sides_divisible_by_16():
 
 
 def test_the_cli_square_crop_is_the_pixels_precompute_encodes():
-    # One crop: `latent-vae reconstruct/interpolate/calibrate` (centre_square) and precompute cut and resample alike.
+    # One crop: `latent-vae interpolate`/`calibrate` and the demo (centre_square) and precompute cut and resample alike.
     from latent_vae.images import centre_square
     from latent_vae.precompute import PrecomputeOptions, prepare_image
 
