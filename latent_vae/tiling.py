@@ -55,9 +55,9 @@ BASE_BYTES = 600 * 2**20
 # (calibrated on the whole-image rows of benchmarks/results/tiling*.json: resident sets on CPU, allocator
 # peaks on CUDA; the larger of the two CUDA rows sets its factor).
 WHOLE_PATH_FACTOR = {"cpu": 1.35, "cuda": 1.6}
-# On CUDA a tensor of one image with 2**31 elements or more (128 channels at 4096x4096) leaves the fast kernels
-# (cuDNN splits a batch into int32-indexable parts, but cannot split one image): the whole 4096x4096 f16c16
-# decode is slower than exact tiles (benchmarks/results/tiling_cuda.md). Such levels are tiled on CUDA.
+# On CUDA a tensor of one image with 2**31 elements or more (128 channels at 4096x4096) is past 32-bit indexing
+# (a batch can be split under it, one image cannot; our reading, not profiled): the whole 4096x4096 f16c16
+# decode was slower than exact tiles (benchmarks/results/tiling_cuda.md). Such levels are tiled on CUDA.
 CUDA_WHOLE_ELEMENTS = 2**31
 # Elements of fp32 temporaries a bf16/fp16 GroupNorm makes at a time (64 MiB each).
 HALF_NORM_CHUNK = 2**24
