@@ -225,7 +225,7 @@ def test_default_cuda_budget_counts_the_allocators_cached_memory(monkeypatch):
 def test_cuda_plans_tile_levels_too_big_for_fast_kernels_and_recompute_rather_than_copy_to_host():
     """Planned for CUDA (arithmetic only: no GPU is needed). A decoder level whose tensor of one image has 2**31
     elements or more is tiled even when memory is plentiful; automatic CUDA plans never keep tiles in host
-    memory; a batch of small images stays whole (cuDNN splits a batch)."""
+    memory; a batch of small images stays whole (a batch can be split under 32-bit indexing)."""
     from latent_vae.tiling import CUDA_WHOLE_ELEMENTS, program_for
 
     vae = build_vae("f16c16-tiny", seed=0)
