@@ -32,8 +32,11 @@ from PIL import Image
 
 from benchmarks.measure import result_name
 from benchmarks.report import device_label, synchronize, write_results
-from latent_vae import LatentCodec, build_vae
-from latent_vae import precompute  # StageClock patches its loop
+from latent_vae import (
+    LatentCodec,
+    build_vae,
+    precompute,  # StageClock patches its loop
+)
 from latent_vae.codec import resolve_device
 from latent_vae.images import load_image
 from latent_vae.precompute import PrecomputeOptions, precompute_latents, prepare_image
