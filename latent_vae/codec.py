@@ -15,7 +15,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
 from .dtypes import resolve_dtype
-from .images import ImageInput, as_image_tensors, pad_to_multiple, tensor_to_pil, tensor_to_uint8
+from .images import ImageInput, as_image_tensors, check_image_tensor, pad_to_multiple, tensor_to_pil, tensor_to_uint8
 from .model import load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
@@ -142,6 +142,9 @@ class LatentCodec:
     # -- encoding ----------------------------------------------------------------------------------
 
     def _image_batch(self, images: ImageInput | Sequence[ImageInput]) -> tuple[torch.Tensor, tuple[int, int]]:
+        if isinstance(images, torch.Tensor):  # a batch already: used as it is (unstacking and restacking copies it)
+            batch = check_image_tensor(images)
+            return batch, tuple(batch.shape[-2:])
         tensors = as_image_tensors(images)
         sizes = {tuple(t.shape[-2:]) for t in tensors}
         if len(sizes) > 1:

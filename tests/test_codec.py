@@ -208,3 +208,17 @@ def test_memory_layout_is_chosen_by_device():
     assert codec().channels_last
     assert not LatentCodec(build_vae(TINY), device="meta").channels_last
     assert LatentCodec(build_vae(TINY), device="meta", channels_last=True).channels_last
+
+
+@pytest.mark.parametrize("tile_size", [None, 32])  # the whole-image path and exact tiles
+def test_a_batch_tensor_is_encoded_as_given_and_left_unchanged(tiny_codec, tile_size):
+    # A tensor batch is used without unstacking and restacking it (a copy of the whole batch): the result is
+    # that of the same images given one by one, and the caller's tensor is not written to.
+    codec = LatentCodec(tiny_codec.vae, tile_size=tile_size)
+    batch = torch.stack([torch.from_numpy(smooth_image(48, 40, seed)).permute(2, 0, 1).float() / 127.5 - 1
+                         for seed in range(3)])
+    given = batch.clone()
+    together = codec.encode(batch)
+    assert torch.equal(batch, given)
+    one_by_one = codec.encode([image for image in given])
+    torch.testing.assert_close(together, one_by_one, rtol=0, atol=1e-6)
