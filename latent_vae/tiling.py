@@ -165,8 +165,8 @@ class Norm(Op):
         weight, bias = (self.norm.weight, self.norm.bias) if self.norm.affine else (None, None)
         if x.dtype != torch.float32:
             # bf16/fp16: normalise in fp32 as GroupNorm does, then round once; a few groups at a time, so that
-            # the fp32 temporaries stay small (whole, they are four times the tensor: a 1 GiB bf16 level held
-            # 4 GiB more than the memory policy counts)
+            # the fp32 temporaries stay small (for a whole level they would be four times its bytes, which the
+            # memory policy does not count)
             out = x if inplace else torch.empty_like(x)
             step = max(per_channel, HALF_NORM_CHUNK // (n * x[0, 0].numel()) // per_channel * per_channel)
             for lo in range(0, c, step):
