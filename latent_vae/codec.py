@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
-from .dtypes import resolve_dtype
+from .dtypes import SHORT_NAMES, resolve_dtype
 from .images import ImageInput, as_image_tensors, check_image_tensor, pad_to_multiple, tensor_to_pil, tensor_to_uint8
 from .model import load_vae, model_fingerprint
 from .presets import downsampling_factor
@@ -263,13 +263,13 @@ class LatentCodec:
     def _check_finite(self, tensor: torch.Tensor, stage: str) -> None:
         if torch.isfinite(tensor).all():
             return
-        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype)
+        name = SHORT_NAMES[self.dtype]
         advice = (
             f"{name} overflowed: use dtype='fp32' (or 'bf16', whose range is fp32's)"
-            if name
+            if self.dtype != torch.float32
             else "the weights or the input contain NaN/inf"
         )
-        raise NonFiniteError(f"NaN or inf while {stage} in {name or 'fp32'}: {advice}")
+        raise NonFiniteError(f"NaN or inf while {stage} in {name}: {advice}")
 
 
 def _inplace_resnet_forward(self: ResnetBlock2D, input_tensor: torch.Tensor, temb=None, *args, **kwargs):
