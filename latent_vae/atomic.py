@@ -46,13 +46,18 @@ def left_by_dead_process(file: str | os.PathLike) -> bool:
         return False
     if "." + suffix != TMP_SUFFIX or not pid.isdigit() or not head.endswith("." + socket.gethostname()):
         return False
+    return not pid_alive(int(pid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has this pid (a reused pid counts as alive: the safe side)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return False
     except PermissionError:  # alive, another user's
         pass
-    return False
+    return True
 
 
 def _fsync_tree(folder: Path) -> None:

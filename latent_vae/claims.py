@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .atomic import left_by_dead_process, publish_exclusive
+from .atomic import left_by_dead_process, pid_alive, publish_exclusive
 from .latents import CLAIM_DIR
 
 HOST = socket.gethostname()
@@ -32,13 +32,7 @@ def _process_start(pid: int) -> str | None:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
     except OSError:  # no /proc (not Linux): fall back to the pid alone
-        try:
-            os.kill(pid, 0)
-            return "alive"
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return "alive"
+        return "alive" if pid_alive(pid) else None
 
 
 @dataclass(frozen=True)
