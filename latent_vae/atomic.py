@@ -60,7 +60,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file under `folder`, and the folders' entries, to disk (before a rename publishes it)."""
     for root, _, files in os.walk(folder):
         for name in files:
             fsync_path(os.path.join(root, name))
@@ -124,7 +125,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if path.exists():
             if not replace:
                 raise FileExistsError(f"{path} already exists")

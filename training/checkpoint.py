@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from latent_vae.atomic import atomic_write_text, file_sha256, fsync_path
+from latent_vae.atomic import atomic_write_text, file_sha256, fsync_path, fsync_tree
 
 PREFIX = "checkpoint-"
 LATEST = "latest"  # the newest checkpoint's name, for people and scripts; resuming checks the folders themselves
@@ -159,9 +159,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, *, vae, discriminator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp)
-        for path in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            fsync_path(path)
-        fsync_path(tmp)
+        fsync_tree(tmp)  # on disk before the rename makes the checkpoint visible
         if final.exists():  # the same step saved again (after a resume, or over a damaged one): replace it
             shutil.rmtree(final)
         tmp.rename(final)
