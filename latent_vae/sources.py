@@ -225,10 +225,7 @@ def _files_source(files: list[Path], image_column, key_column, shard_size, reser
     if kinds == {".parquet"}:
         return _parquet_source(files, image_column, key_column, reserved, where)
     if kinds == {".arrow"}:
-        import datasets
-
-        dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
-        return _dataset_source(dataset, image_column, key_column, shard_size, reserved, where)
+        return _dataset_source(read_table_files(files, where), image_column, key_column, shard_size, reserved, where)
     raise ValueError(f"{where}: expected .tar, .parquet or .arrow files (one kind), or an image folder; "
                      f"got {', '.join(sorted(kinds))}")
 
