@@ -262,8 +262,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         try:
             image = load_image(path, max_pixels=limit)
         except ImageError as error:
-            failures.append(str(error))
-            tqdm.write(f"failed: {error}", file=sys.stderr)
+            failures.append(failure_line(path, error))
+            tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
             continue
         # one size for every image, so they batch: centre crop to a square, resize to --resolution
         images.append(centre_square(image, args.resolution))
@@ -324,7 +324,7 @@ def run_info(args: argparse.Namespace) -> int:
             shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else (
                 f"{value:.2f}" if isinstance(value, float) else value)
             print(f"{key:<{width_}}  {shown}")
-    return 0
+    return EXIT_OK
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
@@ -346,7 +346,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
                                        ["input A"] + [""] * (args.steps - 2) + ["input B"]),
                            image_strip(frames, labels)]), out)
     print(f"wrote {out}: {args.steps} images decoded along the {args.mode} path between the two latents")
-    return 0
+    return EXIT_OK
 
 
 def sample_photos() -> list[Path]:
@@ -382,7 +382,7 @@ def run_demo(args: argparse.Namespace) -> int:
                    f"-> PSNR {score:.2f} dB")
     save_image(image_grid(rows), out_dir / "reconstructions.png")
     print(f"wrote {out_dir / 'reconstructions.png'} (original | reconstruction | error)")
-    return 0
+    return EXIT_OK
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -406,7 +406,7 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"saved {result.folder}" + (f" and {result.single_file}" if result.single_file else ""))
     print(f"its normalisation is neutral (scale 1, shift 0): measure it with "
           f"`latent-vae calibrate --model {result.folder} --data IMAGES`")
-    return 0
+    return EXIT_OK
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -569,7 +569,7 @@ def run_precompute(args: argparse.Namespace) -> int:
             print(report.line())
             for problem in report.problems:
                 print(f"{args.verify}: {problem}", file=sys.stderr)
-            return 0 if report.ok else EXIT_SOME_FAILED
+            return EXIT_OK if report.ok else EXIT_SOME_FAILED
         missing = [f"--{name}" for name in ("model", "data", "out") if not getattr(args, name)]
         if missing:
             raise CommandError(f"{', '.join(missing)} required (or --verify DST)")
@@ -581,7 +581,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
-        return 0 if summary.failures == 0 else EXIT_SOME_FAILED
+        return EXIT_OK if summary.failures == 0 else EXIT_SOME_FAILED
     print(summary.line())
     if summary.failures:
         failures = read_failures(args.out)
@@ -590,7 +590,7 @@ def run_precompute(args: argparse.Namespace) -> int:
         more = f" ({len(failures) - 20} more)" if len(failures) > 20 else ""
         print(f"{len(failures)} inputs failed{more}; all are listed in {Path(args.out) / FAILURES_FILE}", file=sys.stderr)
         return EXIT_SOME_FAILED
-    return 0
+    return EXIT_OK
 
 
 def precompute_main(argv: Sequence[str] | None = None) -> int:
