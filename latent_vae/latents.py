@@ -370,9 +370,7 @@ class VerifyReport:
     def line(self) -> str:
         verdict = "OK" if self.ok else f"{len(self.problems)} problem(s)"
         return (f"{self.path}: {verdict}: {self.shards_done} of {self.shards} shards complete, {self.rows} rows, "
-                f"{self.failures} failures, every key once" if self.ok else
-                f"{self.path}: {verdict}: {self.shards_done} of {self.shards} shards complete, {self.rows} rows, "
-                f"{self.failures} failures")
+                f"{self.failures} failures" + (", every key once" if self.ok else ""))
 
 
 def verify_latents(path: str | os.PathLike, *, checksums: bool = True) -> VerifyReport:
