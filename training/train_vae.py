@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from latent_vae import LatentCodec, calibrate, load_vae, save_vae
 from latent_vae.atomic import atomic_directory
+from latent_vae.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR  # the latent-vae commands' statuses
 from latent_vae.images import error_map, image_grid, image_strip, tensor_to_uint8
 from latent_vae.metrics import psnr, ssim
 from latent_vae.presets import downsampling_factor
@@ -402,10 +403,6 @@ def main(config: TrainConfig) -> Path:
     return out
 
 
-EXIT_CANNOT_RUN = 2  # bad options, data, model or checkpoint: one line, as the latent-vae commands
-EXIT_INTERNAL_ERROR = 3  # a bug: a one-line summary, then the traceback
-
-
 def _one_line(error: BaseException) -> str:
     """An error's message; one raised in a DataLoader worker carries the worker's traceback: keep its last line."""
     lines = [line for line in str(error).splitlines() if line.strip()]
@@ -423,7 +420,7 @@ def run(argv: list[str] | None = None) -> None:
         main(config)
     except (LPIPSWeightsMissing, ValueError, OSError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
-        sys.exit(EXIT_CANNOT_RUN)
+        sys.exit(EXIT_BAD_INPUT)  # bad options, data, model or checkpoint
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
