@@ -7,15 +7,17 @@ the decoder (and post_quant_conv) learn, as Stability's ft-MSE / ft-EMA decoders
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from latent_vae import load_vae, model_fingerprint
+from latent_vae import LatentNormalization, load_vae, model_fingerprint
 
-NORMALIZATION_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+# The config entries the latent normalisation is read from (one per LatentNormalization field).
+NORMALIZATION_KEYS = tuple(f.name for f in dataclasses.fields(LatentNormalization))
 RECORD_FILE = "frozen_encoder.json"
 
 
