@@ -195,7 +195,8 @@ def _load_single_file(path: Path) -> AutoencoderKL:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            state_dict = {key: f.get_tensor(key) for key in f.keys()}
+            # Only a file that carries its config is loaded; an LDM checkpoint's tensors are not read just to refuse it.
+            state_dict = {key: f.get_tensor(key) for key in f.keys()} if CONFIG_METADATA_KEY in metadata else {}
     except (SafetensorError, OSError) as error:
         raise ModelLoadError(f"{path}: not a readable .safetensors file ({_first_line(error)})") from None
     if CONFIG_METADATA_KEY in metadata:
