@@ -40,6 +40,7 @@ from latent_vae import LatentCodec, build_vae, save_vae
 from latent_vae.images import load_image
 from latent_vae.latents import read_manifests, verify_latents
 from latent_vae.precompute import PrecomputeOptions, prepare_image
+from latent_vae.sources import open_source
 
 NAME = "precompute_scale"
 REPO = Path(__file__).resolve().parents[1]
@@ -70,12 +71,8 @@ def bare_encode_rate(model: Path, shards: Path, count: int, options: PrecomputeO
     """images/s of LatentCodec.encode alone with one thread (as each precompute process runs), on `count` images
     decoded and cropped beforehand (not timed)."""
     torch.set_num_threads(1)
-    pixels = []
-    with tarfile.open(next(iter(sorted(shards.glob("*.tar"))))) as tar:
-        for member in tar:
-            if member.name.endswith(".jpg"):
-                image = load_image(tar.extractfile(member).read())
-                pixels.append(prepare_image(image, options).pixels)
+    first_shard = open_source(str(shards)).shards[0]  # read as precompute reads it
+    pixels = [prepare_image(load_image(sample.image), options).pixels for sample in first_shard.samples()]
     pixels = torch.stack((pixels * (count // len(pixels) + 1))[:count]).float().div(127.5).sub(1.0)
     codec = LatentCodec.from_pretrained(str(model), device="cpu", max_batch_size=options.batch_size)
     codec.encode(pixels[: options.batch_size])  # warm-up
