@@ -543,17 +543,22 @@ def _needs(ops: list[Op], targets: dict[str, Region], sizes: dict) -> dict[str, 
     return needs
 
 
+def _last_reads(ops: list[Op]) -> dict[str, int]:
+    """Register -> position in `ops` of the last op that reads it (after which it can be freed)."""
+    last = {}
+    for i, op in enumerate(ops):
+        for src in op.srcs:
+            last[src] = i
+    return last
+
+
 def _run_pass(ops, stored: dict, targets: dict[str, Region], sizes, ctx) -> dict[str, torch.Tensor]:
     """Compute `targets` (register -> region) from the stored full tensors, holding only tile-sized temporaries."""
     needs = _needs(ops, targets, sizes)
-    active = [i for i, op in enumerate(ops) if op.dst in needs and op.dst not in stored]
-    last_use = {}
-    for i in active:
-        for src in ops[i].srcs:
-            last_use[src] = i
+    active = [op for op in ops if op.dst in needs and op.dst not in stored]
+    last_use = _last_reads(active)
     live: dict[str, tuple[torch.Tensor, Region]] = {}
-    for i in active:
-        op = ops[i]
+    for i, op in enumerate(active):
         region = needs[op.dst]
         inputs = []
         for src, want in zip(op.srcs, op.input_regions(region, sizes)):
@@ -592,13 +597,7 @@ def run_program(program: Program, x: torch.Tensor, plan: CodingPlan, storage: to
             readers[src] = readers.get(src, 0) + 1
     channels_last = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    last_read = {}  # register -> position (in the whole program) of the last op that reads it
-    position = 0
-    for segment in program.segments:
-        for op in segment.ops:
-            for src in op.srcs:
-                last_read[src] = position
-            position += 1
+    last_read = _last_reads(program.ops)  # positions in the whole program
 
     def forget(stored, done):  # drop stored tensors that no op after position `done` reads
         for name in [n for n in stored if last_read.get(n, -1) <= done and n != program.output]:
@@ -732,10 +731,7 @@ def _pass_bytes(ops, targets, sizes, channels, batch, itemsize, stored) -> int:
     """Peak bytes of the temporaries of one `_run_pass` (input crops are views on CPU, copies on CUDA)."""
     needs = _needs(ops, targets, sizes)
     active = [op for op in ops if op.dst in needs and op.dst not in stored]
-    last = {}
-    for i, op in enumerate(active):
-        for src in op.srcs:
-            last[src] = i
+    last = _last_reads(active)
     live, peak = {}, 0
     for i, op in enumerate(active):
         region = needs[op.dst]
@@ -755,12 +751,8 @@ def estimate_bytes(program: Program, size: tuple[int, int], batch: int, itemsize
     `on_device_only` (CUDA with host storage): count only what lives on the device in tiled segments."""
     sizes, channels = program.sizes(*size), program.channels()
     full = {name: batch * itemsize * channels[name] * s[0] * s[1] for name, s in sizes.items()}
-    all_ops = program.ops
-    last = {}
-    for i, op in enumerate(all_ops):
-        for src in op.srcs:
-            last[src] = i
-    last[program.output] = len(all_ops)
+    last = _last_reads(program.ops)
+    last[program.output] = len(program.ops)
     live = {program.input: full[program.input]}
     peak, position = 0, 0
     for segment, strategy in zip(program.segments, strategies):
