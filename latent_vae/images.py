@@ -47,6 +47,22 @@ def _describe(source, name: str | None) -> str:
     return "image bytes" if isinstance(source, (bytes, bytearray, dict)) else "image stream"
 
 
+def check_input_file(path: Path, kind: str, label: str | None = None, error: type[ValueError] = ValueError) -> None:
+    """A path the project is about to read must be a non-empty file: else `error` naming it (`label`, default the
+    path) and saying why. `kind` names what it should be ("an image", "a latent file")."""
+    label = label or str(path)
+    try:
+        info = path.stat()  # follows links: a dangling link or a link loop fails here
+    except FileNotFoundError:
+        raise error(f"{label}: no such file") from None
+    except OSError as cause:  # ELOOP, EACCES on a parent folder, ...
+        raise error(f"{label}: cannot read ({cause.strerror or cause})") from None
+    if path.is_dir():
+        raise error(f"{label}: is a folder, not {kind}")
+    if info.st_size == 0:
+        raise error(f"{label}: empty file")
+
+
 def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
     """The project's one image reader: a file path, encoded bytes, a binary stream or an undecoded 🤗
     datasets image (``{"bytes": ..., "path": ...}``) -> an upright 8-bit RGB PIL image, fully decoded.
@@ -66,17 +82,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             raise ImageError(f"{label}: empty image data")
         source = io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            info = path.stat()  # follows links: a dangling link or a link loop fails here
-        except FileNotFoundError:
-            raise ImageError(f"{label}: no such file") from None
-        except OSError as error:  # ELOOP, EACCES on a parent folder, ...
-            raise ImageError(f"{label}: cannot read ({error.strerror or error})") from None
-        if path.is_dir():
-            raise ImageError(f"{label}: is a folder, not an image")
-        if info.st_size == 0:
-            raise ImageError(f"{label}: empty file")
+        check_input_file(Path(source), "an image", label, ImageError)
     elif not hasattr(source, "read"):
         raise ImageError(f"{label}: unsupported image input of type {type(source).__name__}")
     try:

@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
+from .images import check_input_file
 
 LATENT_KEY = "latents"
 FORMAT = "latent-vae/latent-v1"
@@ -57,16 +58,7 @@ def _image_size(path: Path, text: str | None) -> tuple[int, int]:
 def load_latent_file(path: str | os.PathLike) -> LatentFile:
     """Read and check a latent file; anything else is a ValueError that names the file and the problem."""
     path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except OSError as error:  # a link loop, a folder that cannot be read, ...
-        raise ValueError(f"{path}: cannot read ({error.strerror or error})") from None
-    if path.is_dir():
-        raise ValueError(f"{path}: is a folder, not a latent file")
-    if info.st_size == 0:
-        raise ValueError(f"{path}: empty file")
+    check_input_file(path, "a latent file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
