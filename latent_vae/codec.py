@@ -15,7 +15,14 @@ from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
 from .dtypes import SHORT_NAMES, resolve_dtype
-from .images import ImageInput, as_image_tensors, check_image_tensor, pad_to_multiple, tensor_to_pil, tensor_to_uint8
+from .images import (
+    ImageInput,
+    as_image_tensors,
+    check_image_tensor,
+    pad_to_multiple,
+    tensor_to_pil,
+    tensor_to_uint8,
+)
 from .model import load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
