@@ -3,7 +3,7 @@
 - `bare encode`: `LatentCodec.encode` on the same images already decoded and cropped (the encoder alone), in as
   many processes of one thread as the runs, started together, measured just before and after the clean run (the
   machine is shared: the mean of the two stands for its load during the run);
-- `clean run`: two `python -m latent_vae.precompute` processes started together into one empty --out
+- `clean run`: two `python -m latent_vae precompute` processes started together into one empty --out
   (they share the shards through claim files), timed from start until both have exited;
 - `killed run`: the same, both killed with SIGKILL once half of the shards are committed, then the same two
   commands again; the dataset is then verified (every shard's manifest and checksum, every key exactly once)
@@ -37,10 +37,12 @@ from PIL import Image
 
 from benchmarks.report import write_results
 from latent_vae import LatentCodec, build_vae, save_vae
+from latent_vae.dataset.encoding import prepare_image
+from latent_vae.dataset.format import read_manifests
+from latent_vae.dataset.options import PrecomputeOptions
+from latent_vae.dataset.sources import open_source
+from latent_vae.dataset.verify import verify_latents
 from latent_vae.images import load_image
-from latent_vae.latents import read_manifests, verify_latents
-from latent_vae.precompute import PrecomputeOptions, prepare_image
-from latent_vae.sources import open_source
 
 NAME = "precompute_scale"
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +95,7 @@ def bare_encode_processes(model: Path, shards: Path, count: int, options: Precom
 
 def start_runs(argv: list[str], processes: int, log: Path) -> list[subprocess.Popen]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return [subprocess.Popen([sys.executable, "-m", "latent_vae.precompute", *argv], env=env, start_new_session=True,
+    return [subprocess.Popen([sys.executable, "-m", "latent_vae", "precompute", *argv], env=env, start_new_session=True,
                              stdout=open(log.with_suffix(f".{i}.out"), "w"), stderr=subprocess.STDOUT)
             for i in range(processes)]
 

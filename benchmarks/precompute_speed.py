@@ -38,9 +38,11 @@ from latent_vae import (
     precompute,  # StageClock patches its loop
 )
 from latent_vae.codec import resolve_device
+from latent_vae.dataset.encoding import prepare_image
+from latent_vae.dataset.options import PrecomputeOptions
+from latent_vae.dataset.precompute import precompute_latents
+from latent_vae.dataset.sources import open_source
 from latent_vae.images import load_image
-from latent_vae.precompute import PrecomputeOptions, precompute_latents, prepare_image
-from latent_vae.sources import open_source
 
 NAME = "precompute_speed"
 GOAL = 0.90

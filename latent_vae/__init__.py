@@ -12,13 +12,15 @@ __version__ = "0.1.0"
 
 # name -> the submodule that defines it
 _EXPORTS = {
-    "EncodeOutput": "codec", "LatentCodec": "codec", "NonFiniteError": "codec", "interpolate_latents": "codec",
-    "ImageError": "images", "load_image": "images",
-    "BucketBatchSampler": "latents", "LatentInfo": "latents", "collate_latents": "latents", "load_latents": "latents",
-    "read_failures": "latents",
-    "ModelLoadError": "model", "build_vae": "model", "load_vae": "model", "model_fingerprint": "model",
-    "save_single_file": "model", "save_vae": "model",
-    "PrecomputeOptions": "precompute", "PrecomputeSummary": "precompute", "precompute_latents": "precompute",
+    "EncodeOutput": "codec", "LatentCodec": "codec", "interpolate_latents": "codec",
+    "ImageError": "errors", "ModelLoadError": "errors", "NonFiniteError": "errors",
+    "load_image": "images",
+    "BucketBatchSampler": "dataset.readers", "collate_latents": "dataset.readers", "load_latents": "dataset.readers",
+    "LatentInfo": "dataset.format", "read_failures": "dataset.format", "verify_latents": "dataset.verify",
+    "PrecomputeOptions": "dataset.options", "PrecomputeSummary": "dataset.precompute",
+    "precompute_latents": "dataset.precompute",
+    "build_vae": "model", "load_vae": "model", "model_fingerprint": "model", "save_single_file": "model",
+    "save_vae": "model",
     "DEFAULT_PRESET": "presets", "PRESETS": "presets", "VAEPreset": "presets", "get_preset": "presets",
     "ResidualAutoencoderKL": "residual",
     "LatentNormalization": "stats", "calibrate": "stats",

@@ -15,6 +15,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
 from .dtypes import SHORT_NAMES, resolve_dtype
+from .errors import NonFiniteError
 from .images import (
     ImageInput,
     as_image_tensors,
@@ -27,10 +28,6 @@ from .model import load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
 from .tiling import CodingPlan, decode_exact, encode_exact, parse_memory, plan_coding
-
-
-class NonFiniteError(RuntimeError):
-    """NaN or inf in latents or images: reduced precision overflowed (or the weights are broken)."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

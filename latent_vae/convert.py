@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConvertError, one_line
 from .stats import LatentNormalization
 
 # LDM's Normalize() is GroupNorm(32, C, eps=1e-6) everywhere: the group count is not in the weights.
@@ -30,10 +31,6 @@ LDM_NORM_GROUPS = 32
 AUTOENCODER_MODULES = ("encoder", "decoder", "quant_conv", "post_quant_conv")
 EMA_MODULE = "model_ema"  # LDM's LitEma: a buffer per weight, named without its dots (encoderconv_inweight)
 ANCHOR_KEY = "encoder.conv_in.weight"  # present in every LDM autoencoder; finds the autoencoder's key prefix
-
-
-class ConvertError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file or the key and says why."""
 
 
 # -- reading checkpoints without running their code -----------------------------------------------------
@@ -102,13 +99,6 @@ class LoadedCheckpoint:
     skipped_objects: Counter = field(default_factory=Counter)  # non-tensor globals replaced by inert stand-ins
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    first = text[0] if text else ""
-    first = first if len(first) <= 120 else first[:117] + "..."
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
-
-
 def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     """The tensors of a `.safetensors` file, a plain state dict (`.pt`/`.pth`) or a Lightning `.ckpt`.
 
@@ -126,7 +116,7 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
                 names = f.keys()  # safe_open has no __iter__
                 return LoadedCheckpoint({key: f.get_tensor(key) for key in names}, "safetensors")
         except Exception as error:  # a truncated or foreign file: whatever the reader raised, say it in one line
-            raise ConvertError(f"{path}: not a readable .safetensors file ({_one_line(error)})") from None
+            raise ConvertError(f"{path}: not a readable .safetensors file ({one_line(error, with_type=True, limit=120)})") from None
     if _is_torchscript(path):  # torch.load(weights_only=False) would hand it to torch.jit.load
         raise ConvertError(f"{path}: a TorchScript archive (a program), not a checkpoint of weights")
     try:
@@ -140,10 +130,10 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
             restricted = _restricted_pickle_module(skipped)
             loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
         except Exception as error:
-            raise ConvertError(f"{path}: truncated, or not a PyTorch checkpoint ({_one_line(error)})") from None
+            raise ConvertError(f"{path}: truncated, or not a PyTorch checkpoint ({one_line(error, with_type=True, limit=120)})") from None
         reader = "torch (restricted unpickler)"
     except Exception as error:  # truncated zip, wrong magic number, ...
-        raise ConvertError(f"{path}: truncated, or not a PyTorch checkpoint ({_one_line(error)})") from None
+        raise ConvertError(f"{path}: truncated, or not a PyTorch checkpoint ({one_line(error, with_type=True, limit=120)})") from None
     return LoadedCheckpoint(_state_dict_of(loaded, path), reader, skipped)
 
 
@@ -276,7 +266,7 @@ def read_ddconfig(path: str | os.PathLike) -> LDMArchitecture:
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise ConvertError(f"{path}: not a readable yaml file ({_one_line(error)})") from None
+        raise ConvertError(f"{path}: not a readable yaml file ({one_line(error, with_type=True, limit=120)})") from None
     if not isinstance(config, dict):
         raise ConvertError(f"{path}: expected a mapping with model.params.ddconfig")
     params = config.get("model", {}).get("params", config) if isinstance(config.get("model"), dict) else config

@@ -21,12 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError
+
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image; the message names it and says why."""
 
 
 # Real photos reach about 50 megapixels (a 45-61 MP camera, a 48 MP phone in full resolution); a

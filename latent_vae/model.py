@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
+from .errors import ModelLoadError, one_line
 from .presets import PRESETS, VAEPreset, get_preset
 from .residual import ResidualAutoencoderKL
 
@@ -25,10 +26,6 @@ MODEL_CLASSES: dict[str, type[AutoencoderKL]] = {
 # Metadata key under which a single-file checkpoint carries its diffusers config.
 CONFIG_METADATA_KEY = "config"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-
-
-class ModelLoadError(ValueError):
-    """A model source that cannot be loaded; the message says why and what to do."""
 
 
 def build_vae(preset: str | VAEPreset = "f16c16", *, seed: int | None = 0) -> AutoencoderKL:
@@ -136,11 +133,6 @@ def _check_safetensors(path: Path) -> None:
         raise ModelLoadError(f"{path}: cannot read ({error.strerror or error})") from None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 # What building a model or loading weights raises for a bad file (diffusers, torch, safetensors).
 LOAD_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError)
 
@@ -178,7 +170,7 @@ def load_vae(source: str | os.PathLike, *, seed: int | None = 0) -> AutoencoderK
         except ModelLoadError:
             raise
         except LOAD_ERRORS as error:
-            raise ModelLoadError(f"{folder}: cannot load the model ({_first_line(error)})") from None
+            raise ModelLoadError(f"{folder}: cannot load the model ({one_line(error)})") from None
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise ModelLoadError(f"{path}: refusing to unpickle {path.suffix} weights; convert them to .safetensors")
@@ -198,7 +190,7 @@ def _load_single_file(path: Path) -> AutoencoderKL:
             # Only a file that carries its config is loaded; an LDM checkpoint's tensors are not read just to refuse it.
             state_dict = {key: f.get_tensor(key) for key in f.keys()} if CONFIG_METADATA_KEY in metadata else {}
     except (SafetensorError, OSError) as error:
-        raise ModelLoadError(f"{path}: not a readable .safetensors file ({_first_line(error)})") from None
+        raise ModelLoadError(f"{path}: not a readable .safetensors file ({one_line(error)})") from None
     if CONFIG_METADATA_KEY in metadata:
         try:
             config = json.loads(metadata[CONFIG_METADATA_KEY])
@@ -210,7 +202,7 @@ def _load_single_file(path: Path) -> AutoencoderKL:
             vae = cls.from_config(config)
             vae.load_state_dict(state_dict, strict=True)
         except LOAD_ERRORS as error:
-            raise ModelLoadError(f"{path}: cannot load the model ({_first_line(error)})") from None
+            raise ModelLoadError(f"{path}: cannot load the model ({one_line(error)})") from None
         return vae
     # An original (LDM/SD-format) checkpoint: diffusers converts those, but needs a local config.
     raise ModelLoadError(

@@ -126,7 +126,7 @@ def test_demo_writes_reconstructions_of_the_shipped_photos(tmp_path, capsys):
 
 
 def test_help_explains_every_command():
-    result = subprocess.run([sys.executable, "-m", "latent_vae.cli", "--help"], capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-m", "latent_vae", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
     for command in ("encode", "decode", "reconstruct", "calibrate", "info", "interpolate", "demo"):
         assert command in result.stdout

@@ -379,7 +379,7 @@ def test_other_loaders_still_refuse_pickles(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "latent_vae.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "latent_vae", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_reports_truncated_and_foreign_files_in_one_line_without_a_traceback(tmp_path, capsys):

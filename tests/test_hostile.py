@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 import latent_vae.latent_files as latent_files_module
 from latent_vae import LatentCodec, build_vae, save_vae
-from latent_vae.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_SOME_FAILED, main
+from latent_vae.cli import main
+from latent_vae.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_SOME_FAILED
 from latent_vae.images import ImageError, load_image
 from latent_vae.latent_files import FORMAT, load_latent_file
 from latent_vae.model import save_single_file
@@ -324,7 +325,7 @@ def test_a_bug_exits_3_with_a_one_line_summary_before_the_traceback(tmp_path, ca
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("latent_vae.cli.save_latent_file", broken)
+    monkeypatch.setattr("latent_vae.cli.coding.save_latent_file", broken)
     code = main([str(a) for a in ["encode", photos / "good0.png", "--out", tmp_path, *MODEL]])
     err = capsys.readouterr().err
     assert code == EXIT_INTERNAL_ERROR
@@ -362,7 +363,7 @@ def test_unreadable_subfolders_are_reported_by_calibrate(tmp_path, capsys, photo
 def test_no_traceback_reaches_a_script_that_runs_the_command(tmp_path, photos):
     (tmp_path / "bomb.png").write_bytes(bomb_png())
     result = subprocess.run(
-        [sys.executable, "-m", "latent_vae.cli", "encode", str(tmp_path / "bomb.png"), str(photos / "good0.png"),
+        [sys.executable, "-m", "latent_vae", "encode", str(tmp_path / "bomb.png"), str(photos / "good0.png"),
          "--out", str(tmp_path / "out"), *MODEL],
         check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
     )

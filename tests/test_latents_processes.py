@@ -20,15 +20,10 @@ import torch
 from PIL import Image
 
 from latent_vae import build_vae, save_vae
-from latent_vae.latents import (
-    load_latents,
-    read_failures,
-    read_manifests,
-    read_summary,
-    unpack,
-    verify_latents,
-)
-from latent_vae.precompute import precompute_latents
+from latent_vae.dataset.format import read_failures, read_manifests, read_summary, unpack
+from latent_vae.dataset.precompute import precompute_latents
+from latent_vae.dataset.readers import load_latents
+from latent_vae.dataset.verify import verify_latents
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +49,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path, list[str], list[str]]:
 
 
 def command(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "latent_vae.precompute", "--model", str(model), "--data", str(data), "--out", str(out),
+    return ["-m", "latent_vae", "precompute", "--model", str(model), "--data", str(data), "--out", str(out),
             "--resolution", "32", "--batch-size", "2", "--shard-size", "3", "--num-workers", "1",
             "--device", "cpu", "--no-progress", *extra]
 
@@ -104,7 +99,7 @@ def test_sigkill_then_rerun_holds_every_input_exactly_once(setup, tmp_path):
 RACE = """
 import json, sys, time
 from pathlib import Path
-from latent_vae.precompute import precompute_latents
+from latent_vae.dataset.precompute import precompute_latents
 model, data, base, me, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 results = []
 for r in range(rounds):

@@ -169,8 +169,8 @@ def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tm
 
     from latent_vae import load_vae, precompute_latents, save_vae
     from latent_vae.cli import main
+    from latent_vae.dataset.readers import load_latents
     from latent_vae.latent_files import load_latent_file
-    from latent_vae.latents import load_latents
 
     side = 128
     vae = build_vae("f16c16-tiny", seed=0)

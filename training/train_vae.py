@@ -28,7 +28,11 @@ from tqdm.auto import tqdm
 
 from latent_vae import LatentCodec, calibrate, load_vae, save_vae
 from latent_vae.atomic import atomic_directory
-from latent_vae.cli import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR  # the latent-vae commands' statuses
+from latent_vae.errors import (  # the latent-vae commands' statuses
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL_ERROR,
+    one_line,
+)
 from latent_vae.images import error_map, image_grid, image_strip, tensor_to_uint8
 from latent_vae.metrics import psnr, ssim
 from latent_vae.presets import downsampling_factor
@@ -403,14 +407,6 @@ def main(config: TrainConfig) -> Path:
     return out
 
 
-def _one_line(error: BaseException) -> str:
-    """An error's message; one raised in a DataLoader worker carries the worker's traceback: keep its last line."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and "Original Traceback" in str(error):
-        return lines[-1].split(": ", 1)[-1]
-    return lines[0] if lines else type(error).__name__
-
-
 def run(argv: list[str] | None = None) -> None:
     """Command line: a bad config, data, model or checkpoint, or missing LPIPS weights, is one line of error
     (exit 2), not a traceback; an unexpected error is a one-line summary, then its traceback (exit 3)."""
@@ -419,13 +415,13 @@ def run(argv: list[str] | None = None) -> None:
         config.validate()
         main(config)
     except (LPIPSWeightsMissing, ValueError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)  # bad options, data, model or checkpoint
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as error:  # noqa: BLE001 -- a bug: a summary line, then the traceback
-        print(f"error: internal error, {type(error).__name__}: {_one_line(error)} (traceback below)", file=sys.stderr)
+        print(f"error: internal error, {type(error).__name__}: {one_line(error)} (traceback below)", file=sys.stderr)
         traceback.print_exc()
         sys.exit(EXIT_INTERNAL_ERROR)
 

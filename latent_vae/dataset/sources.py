@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .images import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

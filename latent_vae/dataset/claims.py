@@ -4,7 +4,7 @@ A claim is a file `DST/claims/NAME.claim` published exclusively and whole (a har
 succeeds) holding its owner (host, pid, the pid's start time, run id); a heartbeat refreshes its mtime. A
 claim is stale when its owner is surely gone (same host: no such process) or has not heartbeated for the
 timeout (another host), and is then taken over by a rename, which one process wins. Claims save work; what
-makes a shard's rows exactly once is the exclusive commit of its manifest (`latent_vae.latents.commit_shard`).
+makes a shard's rows exactly once is the exclusive commit of its manifest (`latent_vae.dataset.writer.commit_shard`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .atomic import left_by_dead_process, pid_alive, publish_exclusive
-from .latents import CLAIM_DIR
+from ..atomic import left_by_dead_process, pid_alive, publish_exclusive
+from .format import CLAIM_DIR
 
 HOST = socket.gethostname()
 

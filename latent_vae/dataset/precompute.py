@@ -1,4 +1,4 @@
-"""`latent-vae precompute`: encode a dataset's images once into a latent dataset (format: `latent_vae.latents`).
+"""`latent-vae precompute`: encode a dataset's images once into a latent dataset (format: `latent_vae.dataset.format`).
 
 How the run is organised, and why:
 - The unit of work is an input shard (a tar file, a parquet file, a stream shard, or `shard_size` rows of a
@@ -20,212 +20,36 @@ How the run is organised, and why:
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import tarfile
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from . import latents as fmt
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
+from ..dtypes import dtype_name
+from ..errors import ImageError
+from ..images import load_image
+from . import format as fmt
 from .claims import HOST, Claims, Heartbeat, Owner
-from .images import DEFAULT_MAX_PIXELS, ImageError, centre_crop, load_image, resize_crop
+from .encoding import (
+    PreparedImage,
+    SkipImage,
+    encode_moments,
+    failure_reason,
+    make_buckets,
+    moment_rows,
+    prepare_image,
+)
+from .options import PrecomputeOptions
 from .sources import Source, open_source
-
-
-def _option(default: Any, help: str) -> Any:
-    """A PrecomputeOptions field: its help is the `latent-vae precompute` flag's help."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class PrecomputeOptions:
-    """Everything a precompute run can be told besides the model, the data and the output folder.
-    The command line has one `--flag` per field (`latent_vae.cli`)."""
-
-    resolution: int = _option(1024, "side of the square crop, or the buckets' side of equal area")
-    buckets: bool = _option(False, "aspect-ratio buckets (SDXL-style) of about resolution**2 pixels instead of square crops")
-    bucket_step: int | None = _option(None, "bucket sides are multiples of this (default: the model's downsampling factor)")
-    max_aspect: float = _option(4.0, "the most elongated bucket (long side / short side)")
-    flip: bool = _option(False, "also store the latents of the horizontally mirrored image")
-    dtype: Literal["bf16", "fp16", "fp32"] = _option("bf16", "storage dtype of mean and std")
-    encode_dtype: Literal["fp32", "bf16", "fp16"] = _option("fp32", "the encoder's dtype (bf16 is much faster on recent GPUs)")
-    device: str | None = _option(None, "cpu, cuda, cuda:N (default: this process's accelerator, cuda:LOCAL_RANK under torchrun)")
-    batch_size: int = _option(8, "images per encoder call (twice that with --flip)")
-    num_workers: int | None = _option(None, "DataLoader workers reading and decoding images (default: the CPUs this process can spare)")
-    shard_size: int = _option(512, "rows per virtual shard of an unsharded input (folder, Dataset): the most work a kill can lose per worker")
-    max_upscale: float = _option(1.0, "skip images needing more upscaling than this to fill the crop (1: never upscale)")
-    max_pixels: int = _option(DEFAULT_MAX_PIXELS, "refuse images above this many pixels, from their header, before decoding")
-    max_memory: str | None = _option(None, "memory budget per encoder call, e.g. 4GB: whole images when they fit, else exact "
-                                     "tiles, which give the same latents (default: most of the free device memory)")
-    tile_size: int | None = _option(None, "expert override: always encode in exact tiles of this many pixels (same latents)")
-    channels_last: bool | None = _option(None, "NHWC memory layout (default: the codec's choice by device, NHWC on CPU)")
-    image_column: str | None = _option(None, "datasets and parquet sources: the image column (default: the only image column)")
-    key_column: str | None = _option(None, "datasets and parquet sources: a column of unique ids (default: a 'key' column, else the row)")
-    caption_column: str = _option("text", "image folders: the column .txt captions go to (as diffusers' scripts)")
-    split: str | None = _option(None, "a saved DatasetDict: the split to encode (default: train, or the only one)")
-    claim_timeout: float = _option(300.0, "seconds without a heartbeat after which another process takes over a claimed shard")
-    progress: bool = _option(True, "show a progress bar")
-
-    def validate(self) -> None:
-        if self.resolution < 1:
-            raise ValueError(f"resolution must be positive, got {self.resolution}")
-        for name in ("batch_size", "shard_size", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_upscale < 1.0:
-            raise ValueError(f"max_upscale must be at least 1.0 (1.0: never upscale), got {self.max_upscale}")
-        if self.max_aspect < 1.0:
-            raise ValueError(f"max_aspect must be at least 1.0, got {self.max_aspect}")
-        if self.claim_timeout <= 0:
-            raise ValueError(f"claim_timeout must be positive, got {self.claim_timeout}")
-        fmt.storage_dtype(self.dtype)
-
-
-# -- preprocessing --------------------------------------------------------------------------------------------
-
-
-def make_buckets(resolution: int, step: int, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """(H, W) buckets of at most resolution**2 pixels, sides multiples of `step`, from 1:max_aspect to max_aspect:1
-    (SDXL's recipe: for each width, the tallest height that keeps the area)."""
-    if resolution % step:
-        raise ValueError(f"resolution {resolution} is not a multiple of the bucket step {step}")
-    area = resolution * resolution
-    buckets = set()
-    for width in range(step, int(resolution * math.sqrt(max_aspect)) + step, step):
-        height = (area // width) // step * step
-        if height >= step and max(width / height, height / width) <= max_aspect + 1e-9:
-            buckets.add((height, width))
-    return sorted(buckets, key=lambda hw: hw[1] / hw[0])
-
-
-def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest (in log ratio, so 2:1 and 1:2 are equally far from 1:1)."""
-    ratio = math.log(width / height)
-    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
-
-
-class SkipImage(Exception):
-    """An input that cannot be used; `reason` is one short word for counting."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-# load_image's messages ("NAME: why") -> the short reason word that failures are counted by.
-_REASONS = (("no such file", "missing"), ("no image", "missing"), ("empty", "empty"), ("not an image", "unsupported"),
-            ("is a folder", "unsupported"), ("unsupported", "unsupported"), ("megapixels", "too_large"),
-            ("decompression bomb", "too_large"), ("too large", "too_large"), ("corrupt", "corrupt"),
-            ("permission denied", "unreadable"), ("cannot read", "unreadable"))
-
-
-def failure_reason(error: ImageError, name: str) -> str:
-    why = str(error).removeprefix(f"{name}: ").lower()
-    return next((reason for fragment, reason in _REASONS if fragment in why), "unreadable")
-
-
-@dataclass
-class PreparedImage:
-    """An image ready to encode: the resized crop (uint8 3xHxW) and SDXL's size conditioning."""
-
-    pixels: torch.Tensor
-    original_size: list[int]  # [H, W] as read
-    crop_coords_top_left: list[int]
-    target_size: list[int]  # [H, W] of the crop
-
-
-def prepare_image(image: Image.Image, options: PrecomputeOptions,
-                  buckets: Sequence[tuple[int, int]] | None = None) -> PreparedImage:
-    """A decoded RGB image -> its crop at the resolution (or nearest bucket); SkipImage("too_small") when filling
-    the crop would need more than `max_upscale`."""
-    width, height = image.size
-    target = nearest_bucket(height, width, buckets) if buckets else (options.resolution, options.resolution)
-    crop = centre_crop(height, width, target)
-    if crop.scale > options.max_upscale + 1e-9:
-        raise SkipImage("too_small", f"{width}x{height} is too small for {target[1]}x{target[0]} "
-                        f"(needs {crop.scale:.2f}x upscaling, at most {options.max_upscale:g}x allowed)")
-    pixels = resize_crop(image, crop)
-    return PreparedImage(torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1), [height, width],
-                         list(crop.top_left), list(target))
-
-
-# -- the pure per-batch function ------------------------------------------------------------------------------------
-
-
-def encode_prepared(codec, images: Sequence[PreparedImage], metadata: Sequence[dict], *, flip: bool = False,
-                    dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """The per-batch work, a pure function: prepared images of one size and their metadata ("key" and the
-    passthrough columns) -> one output row each, as stored in a latent dataset. The run calls it for every batch;
-    another engine can too (see `encode_images`)."""
-    return _rows(images, metadata, *_encode_moments(codec, images, flip=flip, dtype=dtype), flip=flip, dtype=dtype)
-
-
-def _encode_moments(codec, images: Sequence[PreparedImage], *, flip: bool,
-                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The accelerator's part of `encode_prepared`: the posterior mean and std, in the storage dtype, on the CPU."""
-    pixels = torch.stack([image.pixels for image in images])
-    if codec.device.type == "cuda":  # page-locked: the copy to the GPU runs at full speed and asynchronously
-        pixels = pixels.pin_memory()
-    pixels = pixels.to(codec.device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if flip:  # one forward pass for both: the mirrored images ride in the same batch
-        pixels = torch.cat([pixels, pixels.flip(-1)])
-    out = codec.encode(pixels, return_dict=True)
-    return out.mean.to(dtype).cpu(), torch.exp(0.5 * out.logvar).to(dtype).cpu()
-
-
-def _rows(images: Sequence[PreparedImage], metadata: Sequence[dict], mean: torch.Tensor, std: torch.Tensor, *,
-          flip: bool, dtype: torch.dtype) -> list[dict]:
-    """The host's part of `encode_prepared`: one output row per image."""
-    n = len(images)
-    means, stds = fmt.pack(mean, dtype), fmt.pack(std, dtype)
-    shape = list(mean.shape[1:])
-    rows = []
-    for i, (image, meta) in enumerate(zip(images, metadata)):
-        row = {**meta, fmt.KEY: str(meta[fmt.KEY]), fmt.MEAN: means[i], fmt.STD: stds[i], fmt.LATENT_SHAPE: shape,
-               fmt.ORIGINAL_SIZE: image.original_size, fmt.CROP_TOP_LEFT: image.crop_coords_top_left,
-               fmt.TARGET_SIZE: image.target_size}
-        if flip:
-            row[fmt.FLIP_MEAN], row[fmt.FLIP_STD] = means[n + i], stds[n + i]
-        rows.append(row)
-    return rows
-
-
-def encode_images(codec, images: Sequence[Image.Image], metadata: Sequence[dict], options: PrecomputeOptions,
-                  buckets: Sequence[tuple[int, int]] | None = None) -> tuple[list[dict], list[dict]]:
-    """Decoded RGB images + their metadata ("key", passthrough columns) -> (rows, failures): prepare each image,
-    encode them in groups of one size with `encode_prepared`. For engines other than this run (Ray Data's
-    `map_batches`, Spark): the same rows as `latent-vae precompute` writes, without its files."""
-    prepared: dict[tuple[int, ...], list[tuple[PreparedImage, dict]]] = {}
-    failures = []
-    for image, meta in zip(images, metadata):
-        try:
-            item = prepare_image(image, options, buckets)
-        except SkipImage as skip:
-            failures.append({"key": str(meta[fmt.KEY]), "reason": skip.reason, "message": str(skip)})
-            continue
-        prepared.setdefault(tuple(item.pixels.shape), []).append((item, meta))
-    rows = []
-    for group in prepared.values():
-        for start in range(0, len(group), options.batch_size):
-            chunk = group[start:start + options.batch_size]
-            rows += encode_prepared(codec, [c[0] for c in chunk], [c[1] for c in chunk], flip=options.flip,
-                                    dtype=fmt.storage_dtype(options.dtype))
-    return rows, failures
-
-
-# -- reading shards in DataLoader workers --------------------------------------------------------------------------
-
+from .verify import count_dataset
+from .writer import ShardWriter, clean_staging, commit_shard, output_features, shard_state
 
 # Batches the writer thread may lag behind the encoder (each holds a batch of latents in host memory).
 WRITES_AHEAD = 4
@@ -254,9 +78,9 @@ class ShardReader(torch.utils.data.IterableDataset):
         start = worker_id * len(self.order) // workers  # workers start apart: fewer collisions on claims
         for index in self.order[start:] + self.order[:start]:
             shard = self.source.shards[index]
-            if fmt.shard_state(self.out, shard.name) == "complete" or not claims.try_claim(shard.name):
+            if shard_state(self.out, shard.name) == "complete" or not claims.try_claim(shard.name):
                 continue
-            state = fmt.shard_state(self.out, shard.name)  # again, now that no one else can be committing it
+            state = shard_state(self.out, shard.name)  # again, now that no one else can be committing it
             if state == "complete":
                 claims.release(shard.name)
                 continue
@@ -367,8 +191,8 @@ class PrecomputeSummary:
 def _make_codec(model: Any, options: PrecomputeOptions, device: torch.device):
     from diffusers import AutoencoderKL
 
-    from .codec import LatentCodec
-    from .model import load_vae
+    from ..codec import LatentCodec
+    from ..model import load_vae
 
     per_call = options.batch_size * (2 if options.flip else 1)
     if isinstance(model, LatentCodec):
@@ -403,7 +227,7 @@ def _options(options: PrecomputeOptions | None, overrides: dict) -> PrecomputeOp
 
 @dataclass
 class _OpenShard:
-    writer: fmt.ShardWriter
+    writer: ShardWriter
     source: str
     failures: list[dict] = field(default_factory=list)
 
@@ -430,7 +254,7 @@ class _Run:
     def run(self, workers: int) -> None:
         names = [s.name for s in self.source.shards]
         poll = min(2.0, max(0.2, self.options.claim_timeout / 20))
-        left = [i for i in self.order if fmt.shard_state(self.out, names[i]) != "complete"]
+        left = [i for i in self.order if shard_state(self.out, names[i]) != "complete"]
         try:
             while left:
                 free = [i for i in left if not self.claims.held(names[i])]
@@ -438,7 +262,7 @@ class _Run:
                     self._pass(free, workers)
                 else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale
                     time.sleep(poll)
-                left = [i for i in left if fmt.shard_state(self.out, names[i]) != "complete"]
+                left = [i for i in left if shard_state(self.out, names[i]) != "complete"]
         finally:
             self.writer_thread.shutdown()
         self.claims.clear_stale()
@@ -479,7 +303,7 @@ class _Run:
     def _take(self, item: dict) -> None:
         kind, name = item["kind"], item["shard"]
         if kind == "start":
-            self.open[name] = _OpenShard(fmt.ShardWriter(self.out, name, self.features), item["source"])
+            self.open[name] = _OpenShard(ShardWriter(self.out, name, self.features), item["source"])
             self.heartbeat.add(self.claims.path(name))
         elif kind == "failure":
             self.open[name].failures.append({k: item[k] for k in ("key", "source", "reason", "message")})
@@ -501,13 +325,13 @@ class _Run:
     def _encode(self, size: tuple[int, ...]) -> None:
         items = self.groups.pop(size)
         images = [i["prepared"] for i in items]
-        moments = _encode_moments(self.codec, images, flip=self.options.flip, dtype=self.storage)
+        moments = encode_moments(self.codec, images, flip=self.options.flip, dtype=self.storage)
         self._in_writer(self._write_rows, [self.open[i["shard"]] for i in items], items, images, moments)
         self.encoded += len(items)
         self.progress.update(len(items))
 
     def _write_rows(self, shards: list[_OpenShard], items: list[dict], images: list[PreparedImage], moments) -> None:
-        rows = _rows(images, [i["metadata"] for i in items], *moments, flip=self.options.flip, dtype=self.storage)
+        rows = moment_rows(images, [i["metadata"] for i in items], *moments, flip=self.options.flip, dtype=self.storage)
         for shard, row in zip(shards, rows):
             shard.writer.add(row)
 
@@ -516,7 +340,7 @@ class _Run:
         staged, checksum = shard.writer.finish()
         manifest = fmt.Manifest(name, str(shard.source), shard.writer.rows, shard.failures, checksum, staged.name,
                                 HOST, os.getpid(), self.owner.run_id, time.time())
-        if fmt.commit_shard(self.out, manifest, staged):
+        if commit_shard(self.out, manifest, staged):
             self.committed += 1
         del self.open[name]
         self.heartbeat.discard(self.claims.path(name))
@@ -565,22 +389,22 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         fingerprint=codec.fingerprint, normalization=codec.normalization.to_config(),
         latent_channels=codec.latent_channels, downsampling_factor=factor, resolution=opts.resolution,
         buckets=[list(b) for b in bucket_list] if bucket_list else None, flip=opts.flip,
-        storage_dtype=fmt.dtype_name(fmt.storage_dtype(opts.dtype)), encode_dtype=fmt.dtype_name(codec.dtype),
+        storage_dtype=dtype_name(fmt.storage_dtype(opts.dtype)), encode_dtype=dtype_name(codec.dtype),
         max_upscale=opts.max_upscale, image_column=source.image_column,
         key_column=source.key_column, passthrough=list(source.passthrough),
         input_shards=[s.name for s in source.shards], shard_size=None if source.sharded else opts.shard_size,
         input_digest=source.keys_digest,
         model_source=model_source, data_source=source.description)
     fmt.create_or_check(out, info)
-    fmt.clean_staging(out)
+    clean_staging(out)
 
     names = info.input_shards
-    done_before = sum(fmt.shard_state(out, n) == "complete" for n in names)
+    done_before = sum(shard_state(out, n) == "complete" for n in names)
     order = shard_order(len(names), state.process_index, state.num_processes)
     workers = opts.num_workers if opts.num_workers is not None else _default_workers()
     progress = tqdm(unit="img", desc="precompute", dynamic_ncols=True,
                     disable=not (opts.progress and state.is_local_main_process))
-    run = _Run(codec, source, out, opts, bucket_list, order, fmt.output_features(source.passthrough, opts.flip),
+    run = _Run(codec, source, out, opts, bucket_list, order, output_features(source.passthrough, opts.flip),
                progress)
     start = time.perf_counter()
     run.run(workers)
@@ -594,7 +418,7 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         per_rank = gather_object([mine])
     else:
         per_rank = [mine]
-    counts = fmt.count_dataset(out)
+    counts = count_dataset(out)
     wall = max(r[3] for r in per_rank)
     encoded = sum(r[0] for r in per_rank)
     summary = PrecomputeSummary(
@@ -609,13 +433,3 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         atomic_write_text(out / fmt.SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
     return summary
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m latent_vae.precompute ...`: the `latent-vae precompute` command, runnable under torchrun."""
-    from .cli import precompute_main
-
-    return precompute_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

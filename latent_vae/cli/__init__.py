@@ -1,0 +1,57 @@
+"""The `latent-vae` command line: encode, decode, reconstruct, calibrate, info, interpolate, demo, precompute, convert.
+
+Exit statuses (the same for every command): 0 everything done; 1 some inputs failed (each reported in one
+line naming it and the reason; every good input still written); 2 the command could not run at all (bad
+arguments, an unloadable model, no inputs: one line, no traceback); 3 an unexpected internal error, a bug
+(a one-line summary on stderr first, then the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, NonFiniteError, one_line
+from . import coding, models, precompute
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latent-vae",
+        description="KL-VAE latent compression for diffusion models: images <-> normalised latents "
+        "(f16c16: 3x1024x1024 -> 16x64x64).",
+        epilog="Run `latent-vae COMMAND --help` for each command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    coding.add_parsers(commands)
+    models.add_parsers(commands)
+    precompute.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # bad arguments: argparse's usage line and exit 2
+    return run_command(args.func, args, "latent-vae")
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """Run a command with the documented exit statuses: its own 0/1, 2 with one line for an input that
+    stops it, 3 with a one-line summary and then the traceback for a bug."""
+    try:
+        return func(args)
+    except (ValueError, OSError, NonFiniteError) as error:
+        # ImageError, ModelLoadError and CommandError are ValueErrors: one line, no traceback
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 -- a bug: one line first (a log shows it), then the details
+        print(f"{prog}: internal error ({type(error).__name__}: {one_line(error)}); this is a bug, "
+              "please report it with the traceback below", file=sys.stderr)
+        traceback.print_exc()
+        return EXIT_INTERNAL_ERROR
+

@@ -1,0 +1,74 @@
+"""`latent-vae precompute`: its flags come from `PrecomputeOptions`, one per field."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, CommandError
+from .common import add_dataclass_arguments
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("precompute", help="encode a dataset once into a latent dataset (🤗 datasets)",
+                            description="Precompute the posterior of every image of tar shards, parquet files, a "
+                            "folder or a dataset into parquet shards, one per input shard; killed, the same command "
+                            "resumes; several runs or nodes share the work; see README 'Latent datasets'.")
+    add_precompute_arguments(p)
+    p.set_defaults(func=run_precompute)
+
+
+def add_precompute_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `latent-vae precompute`: what to encode and where, then every PrecomputeOptions field."""
+    from ..dataset.options import PrecomputeOptions
+
+    parser.add_argument("--model", help="preset name, diffusers model folder or .safetensors file")
+    parser.add_argument("--data", help="WebDataset tar shards or parquet files (path, glob or folder of them), an image "
+                        "folder, a datasets folder (save_to_disk) or arrow files")
+    parser.add_argument("--out", help="output folder; the same command again continues an interrupted run, and runs "
+                        "on several nodes into one folder share the work")
+    parser.add_argument("--verify", metavar="DST", help="check a latent dataset instead (every shard done, row counts, "
+                        "checksums, every key once); exit 0 when sound, 1 when not")
+    add_dataclass_arguments(parser, PrecomputeOptions)
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    """`latent-vae precompute`: 0 when every input is in the dataset, 1 when some failed (listed), 2 when it
+    could not run (one line)."""
+    import dataclasses
+
+    from ..dataset.format import FAILURES_FILE, read_failures
+    from ..dataset.precompute import PrecomputeOptions, precompute_latents
+    from ..dataset.verify import verify_latents
+
+    try:
+        if args.verify:
+            report = verify_latents(args.verify)
+            print(report.line())
+            for problem in report.problems:
+                print(f"{args.verify}: {problem}", file=sys.stderr)
+            return EXIT_OK if report.ok else EXIT_SOME_FAILED
+        missing = [f"--{name}" for name in ("model", "data", "out") if not getattr(args, name)]
+        if missing:
+            raise CommandError(f"{', '.join(missing)} required (or --verify DST)")
+        options = PrecomputeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrecomputeOptions)})
+        summary = precompute_latents(args.model, args.data, args.out, options)
+    except ValueError as error:  # ImageError, ModelLoadError and CommandError are ValueErrors too
+        print(f"latent-vae precompute: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return EXIT_OK if summary.failures == 0 else EXIT_SOME_FAILED
+    print(summary.line())
+    if summary.failures:
+        failures = read_failures(args.out)
+        for failure in failures[:20]:
+            print(f"failed: {failure['message']} [{failure['reason']}]", file=sys.stderr)
+        more = f" ({len(failures) - 20} more)" if len(failures) > 20 else ""
+        print(f"{len(failures)} inputs failed{more}; all are listed in {Path(args.out) / FAILURES_FILE}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
