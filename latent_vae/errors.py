@@ -37,16 +37,37 @@ class NonFiniteError(RuntimeError):
     """NaN or inf in latents or images: reduced precision overflowed (or the weights are broken)."""
 
 
+class Fp16FixError(ValueError):
+    """A model the fp16 transform (`latent_vae.fp16`) cannot prove it rescales exactly, or cannot bring into range."""
+
+
+# A message of several lines (a library's report) is kept whole on one line, but cut to this many characters.
+MULTILINE_LIMIT = 400
+
+
+def printable(text: str) -> str:
+    """`text` with each control character (newline, tab, escape...) written as repr() writes it: a name that holds
+    one stays on one line and cannot move the terminal's cursor."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def one_line(error: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
     """An error as one line: an OSError's file and reason; for an error re-raised from a DataLoader worker (its
-    message carries the worker's traceback), the worker's own last line; else the first line of the message, or
-    the type's name when there is none. `with_type` prefixes the type's name; `limit` cuts a long line."""
+    message carries the worker's traceback), the worker's own last line; else the message with its control
+    characters escaped (`printable`: a newline in a file name, or in a library's message of several lines,
+    stays on the line; the latter is cut to MULTILINE_LIMIT), or the type's name when there is none.
+    `with_type` prefixes the type's name; `limit` cuts a long line."""
     if isinstance(error, OSError) and error.strerror:
-        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+        text = f"{printable(str(error.filename))}: {error.strerror}" if error.filename else error.strerror
     else:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        worker_traceback = len(lines) > 1 and "Original Traceback" in str(error)
-        text = lines[-1].split(": ", 1)[-1] if worker_traceback else (lines[0] if lines else "")
+        message = str(error).strip()
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        if len(lines) > 1 and "Original Traceback" in message:
+            text = printable(lines[-1].split(": ", 1)[-1])
+        else:
+            text = printable(message)
+            if len(lines) > 1 and limit is None:
+                limit = MULTILINE_LIMIT
     if limit is not None and len(text) > limit:
         text = text[: limit - 3] + "..."
     if with_type:
@@ -56,11 +77,13 @@ def one_line(error: BaseException, *, with_type: bool = False, limit: int | None
 
 def input_failure(path: str | Path, error: BaseException) -> str:
     """One line naming the input and the reason (a full disk or a permission also names the file it hit)."""
+    name = printable(str(path))
     if isinstance(error, OSError) and error.strerror:
-        reason = error.strerror + (f" ({error.filename})" if error.filename and str(error.filename) != str(path) else "")
+        hit = error.filename and str(error.filename) != str(path)
+        reason = error.strerror + (f" ({printable(str(error.filename))})" if hit else "")
     else:
         reason = one_line(error)
-    return reason if reason.startswith(str(path)) else f"{path}: {reason}"
+    return reason if reason.startswith(name) else f"{name}: {reason}"
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

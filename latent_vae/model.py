@@ -25,6 +25,11 @@ MODEL_CLASSES: dict[str, type[AutoencoderKL]] = {
 
 # Metadata key under which a single-file checkpoint carries its diffusers config.
 CONFIG_METADATA_KEY = "config"
+# Private config entries (diffusers keeps "_" keys through save and load and passes none to __init__), written by
+# `latent_vae.fp16.fp16_safe`: {module name: eps} for GroupNorms whose eps differs from the architecture's, which
+# load_vae applies; and the fingerprints of the models this one computes the same function as.
+GROUPNORM_EPS_KEY = "_groupnorm_eps"
+LINEAGE_KEY = "_same_function_as"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
@@ -166,11 +171,12 @@ def load_vae(source: str | os.PathLike, *, seed: int | None = 0) -> AutoencoderK
         for file in weights:
             _check_safetensors(file)
         try:
-            return cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+            vae = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
         except ModelLoadError:
             raise
         except LOAD_ERRORS as error:
             raise ModelLoadError(f"{folder}: cannot load the model ({one_line(error)})") from None
+        return apply_groupnorm_eps(vae, str(folder / "config.json"))
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise ModelLoadError(f"{path}: refusing to unpickle {path.suffix} weights; convert them to .safetensors")
@@ -203,12 +209,28 @@ def _load_single_file(path: Path) -> AutoencoderKL:
             vae.load_state_dict(state_dict, strict=True)
         except LOAD_ERRORS as error:
             raise ModelLoadError(f"{path}: cannot load the model ({one_line(error)})") from None
-        return vae
+        return apply_groupnorm_eps(vae, where)
     # An original (LDM/SD-format) checkpoint: diffusers converts those, but needs a local config.
     raise ModelLoadError(
         f"{path} carries no diffusers config: an original LDM/SD-layout checkpoint? Convert it once with "
         f"`latent-vae convert {path} --out FOLDER` and pass the folder"
     )
+
+
+def apply_groupnorm_eps(vae: AutoencoderKL, where: str = "config") -> AutoencoderKL:
+    """Set the GroupNorm eps values recorded under GROUPNORM_EPS_KEY (diffusers builds every one with its
+    architecture's eps); a name that is not a GroupNorm or a value that is not a positive number is an error."""
+    recorded = vae.config.get(GROUPNORM_EPS_KEY) or {}
+    if not isinstance(recorded, dict):
+        raise ModelLoadError(f"{where}: {GROUPNORM_EPS_KEY} must be an object of module name -> eps")
+    modules = dict(vae.named_modules())
+    for name, eps in recorded.items():
+        if not isinstance(modules.get(name), torch.nn.GroupNorm):
+            raise ModelLoadError(f"{where}: {GROUPNORM_EPS_KEY} names {name!r}, which is not a GroupNorm of this model")
+        if not (_is_number(eps) and eps > 0):
+            raise ModelLoadError(f"{where}: {GROUPNORM_EPS_KEY}[{name!r}] must be a positive number, got {eps!r}")
+        modules[name].eps = float(eps)
+    return vae
 
 
 def save_vae(vae: AutoencoderKL, out_dir: str | os.PathLike) -> Path:
@@ -232,12 +254,20 @@ def model_fingerprint(vae: AutoencoderKL) -> str:
     """A short hash of the architecture, the normalisation and every weight: two models share it only if
     they produce the same latents. Stored with latents so that a latent from another model is caught."""
     digest = hashlib.sha256()
-    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    # The GroupNorm eps values are part of the function; the other private keys (diffusers' own, lineage) are not.
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_") or k == GROUPNORM_EPS_KEY}
     digest.update(json.dumps(config, sort_keys=True, default=list).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def function_fingerprints(vae: AutoencoderKL) -> tuple[str, ...]:
+    """The fingerprints whose latents this model reads as its own: its own, then those of the models it was
+    rescaled from (LINEAGE_KEY; the same function, e.g. after `latent-vae fp16-fix`)."""
+    own = model_fingerprint(vae)
+    return (own, *(f for f in vae.config.get(LINEAGE_KEY) or [] if isinstance(f, str) and f != own))
 
 
 def count_parameters(module: torch.nn.Module) -> int:
