@@ -253,13 +253,13 @@ def test_bf16_tiles_normalise_a_few_groups_at_a_time_with_the_same_result(monkey
     """bf16/fp16 GroupNorm runs in fp32 in slices of channels (so that whole levels hold no fp32 copy of the
     tensor): the slices must give exactly what one pass gives, batches included, and stay close to the whole
     image in bf16 (how close fp32 reordering allows after bf16 rounding)."""
-    from latent_vae import tiling
+    from latent_vae.tiling import ops
 
     vae = build_vae("f8c4-tiny", seed=0).to(torch.bfloat16)
     image = smooth(2, 64, 48).to(torch.bfloat16)
     plan = plan_coding(vae, "encode", tuple(image.shape), dtype=torch.bfloat16, tile_size=32, strategy="keep")
     one_pass = encode_exact(vae, image, plan)
-    monkeypatch.setattr(tiling, "HALF_NORM_CHUNK", 1)  # one group per slice
+    monkeypatch.setattr(ops, "HALF_NORM_CHUNK", 1)  # one group per slice
     sliced = encode_exact(vae, image, plan)
     assert torch.equal(sliced, one_pass)
     with torch.inference_mode():
