@@ -24,7 +24,7 @@ from .images import (
     tensor_to_pil,
     tensor_to_uint8,
 )
-from .model import load_vae, model_fingerprint
+from .model import GROUPNORM_EPS_KEY, function_fingerprints, load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
 from .tiling import CodingPlan, decode_exact, encode_exact, parse_memory, plan_coding
@@ -93,6 +93,8 @@ class LatentCodec:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.fingerprint = model_fingerprint(vae)  # of the weights as given, before any cast
+        # the latents this codec reads as its own: its model's, and those of models with the same function
+        self.fingerprints = function_fingerprints(vae)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.max_batch_size = max_batch_size
@@ -136,6 +138,7 @@ class LatentCodec:
         write_normalization(self.vae, normalization)
         self.normalization = normalization
         self.fingerprint = model_fingerprint(self.vae)
+        self.fingerprints = (self.fingerprint,)  # another normalisation: latents of the same function no longer are
 
     def _plan(self, direction: str, batch: torch.Tensor) -> CodingPlan:
         """The memory policy for one forward pass (`latent_vae.tiling.plan_coding`)."""
@@ -273,6 +276,12 @@ class LatentCodec:
             if self.dtype != torch.float32
             else "the weights or the input contain NaN/inf"
         )
+        if self.dtype == torch.float16:  # fp16 overflow is a property of the weights: `latent_vae.fp16` removes it
+            model = self.vae.config.get("_name_or_path") or "MODEL"
+            advice += (f", or rescale the model once into fp16's range with the same function: `latent-vae fp16-fix "
+                       f"--model {model} --data IMAGES --out FIXED`, then use FIXED")
+            if self.vae.config.get(GROUPNORM_EPS_KEY):
+                advice += " (this model was rescaled already: calibrate on larger images or with more --headroom)"
         raise NonFiniteError(f"NaN or inf while {stage} in {name}: {advice}")
 
 

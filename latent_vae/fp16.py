@@ -17,11 +17,11 @@ nothing from moving, and a model that already fits comes back unchanged. The pos
 decoder's input and the decoded image are never scaled, nor attention's queries, keys and values; if one of them
 does not fit, the model is refused, as is any layer the transform cannot prove scale-invariant.
 
-The scaled GroupNorm eps values are recorded in the config (`latent_vae.model.GROUPNORM_EPS_KEY`), which
-`load_vae` applies: exact. Plain `AutoencoderKL.from_pretrained` builds every GroupNorm with eps 1e-6; the report
-bounds what that changes (`plain_load_eps_error`, a relative change of the normalised values). The config also
-records the source's fingerprint (`latent_vae.model.LINEAGE_KEY`), so latents made by the source are accepted
-by the fixed model.
+The scaled GroupNorm eps values are recorded in the config (`latent_vae.model.GROUPNORM_EPS_KEY`; a private
+key, which diffusers keeps through save and load and passes to no constructor), and `load_vae` applies them: exact.
+Plain `AutoencoderKL.from_pretrained` builds every GroupNorm with eps 1e-6; the report bounds what that changes
+(`plain_load_eps_error`, a relative change of the normalised values). The config also records the source's
+fingerprint (`latent_vae.model.LINEAGE_KEY`), so latents made by the source are accepted by the fixed model.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .atomic import atomic_directory
 from .errors import Fp16FixError
 from .fp16_layout import FIXED, Stage, StageGraph, is_power_of_two, stage_graph
 from .images import check_image_tensor, pad_to_multiple
-from .model import GROUPNORM_EPS_KEY, LINEAGE_KEY, model_fingerprint, save_vae
+from .model import GROUPNORM_EPS_KEY, function_fingerprints, model_fingerprint, record_lineage, save_vae
 from .presets import downsampling_factor
 
 __all__ = ["DEFAULT_HEADROOM", "FP16_MAX", "Fp16FixError", "Fp16Report", "fp16_safe", "save_fp16_safe",
@@ -256,7 +256,7 @@ def fp16_safe(vae: AutoencoderKL, samples: Iterable[torch.Tensor] | torch.Tensor
     if vae.dtype != torch.float32:
         raise ValueError(f"fp16_safe calibrates in fp32; got a {vae.dtype} model (load it in fp32)")
     graph = stage_graph(vae)  # refuses unknown layers before anything runs
-    source_fingerprint = model_fingerprint(vae)
+    source_fingerprints = function_fingerprints(vae)  # its own first
     limit = FP16_MAX / headroom
     was_training = vae.training
     vae.eval()
@@ -269,23 +269,17 @@ def fp16_safe(vae: AutoencoderKL, samples: Iterable[torch.Tensor] | torch.Tensor
     graph.rescale({stage.name: stage.factor for stage in stages if stage.factor != 1})
     default_eps = _architecture_eps(vae)
     if any(stage.factor != 1 for stage in stages):
-        _record(vae, graph, source_fingerprint, default_eps)
+        # the exact eps of every GroupNorm that differs from its architecture's, then the lineage (whose record
+        # names the fingerprint, which covers the eps)
+        eps = {name: norm.eps for name, norm, _ in graph.norms if norm.eps != default_eps[name]}
+        vae.register_to_config(**{GROUPNORM_EPS_KEY: eps})
+        record_lineage(vae, source_fingerprints)
     return Fp16Report(
         stages=stages, headroom=headroom, images=count, largest_image=largest,
-        source_fingerprint=source_fingerprint, fingerprint=model_fingerprint(vae),
+        source_fingerprint=source_fingerprints[0], fingerprint=model_fingerprint(vae),
         plain_load_eps_error=_eps_bound(graph, recorder, default_eps),
         weights_below_fp16_normal=(small_before, _small_weights(graph)[0]), weights=total,
     )
-
-
-def _record(vae: AutoencoderKL, graph: StageGraph, source_fingerprint: str, default_eps: dict[str, float]) -> None:
-    """Write the exact eps of every GroupNorm that differs from its architecture's, and the lineage, into the
-    config (private keys: diffusers keeps them through save and load, and passes none of them to __init__)."""
-    eps = {name: norm.eps for name, norm, _ in graph.norms if norm.eps != default_eps[name]}
-    lineage = list(vae.config.get(LINEAGE_KEY) or [])
-    if source_fingerprint not in lineage:
-        lineage.append(source_fingerprint)
-    vae.register_to_config(**{GROUPNORM_EPS_KEY: eps, LINEAGE_KEY: lineage})
 
 
 def save_fp16_safe(vae: AutoencoderKL, report: Fp16Report, out_dir: str | os.PathLike) -> Path:

@@ -27,9 +27,11 @@ MODEL_CLASSES: dict[str, type[AutoencoderKL]] = {
 CONFIG_METADATA_KEY = "config"
 # Private config entries (diffusers keeps "_" keys through save and load and passes none to __init__), written by
 # `latent_vae.fp16.fp16_safe`: {module name: eps} for GroupNorms whose eps differs from the architecture's, which
-# load_vae applies; and the fingerprints of the models this one computes the same function as.
+# load_vae applies; and {"fingerprint": this model's, "same_function_as": [fingerprints]}, the models it computes
+# the same function as (valid while the model's fingerprint is the one recorded: fine-tuning or recalibrating
+# the model ends it).
 GROUPNORM_EPS_KEY = "_groupnorm_eps"
-LINEAGE_KEY = "_same_function_as"
+LINEAGE_KEY = "_lineage"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
@@ -264,10 +266,19 @@ def model_fingerprint(vae: AutoencoderKL) -> str:
 
 
 def function_fingerprints(vae: AutoencoderKL) -> tuple[str, ...]:
-    """The fingerprints whose latents this model reads as its own: its own, then those of the models it was
-    rescaled from (LINEAGE_KEY; the same function, e.g. after `latent-vae fp16-fix`)."""
+    """The fingerprints whose latents this model reads as its own: its own, then those of the models it computes
+    the same function as (LINEAGE_KEY, e.g. the source of `latent-vae fp16-fix`) while it is the model recorded."""
     own = model_fingerprint(vae)
-    return (own, *(f for f in vae.config.get(LINEAGE_KEY) or [] if isinstance(f, str) and f != own))
+    lineage = vae.config.get(LINEAGE_KEY)
+    if not isinstance(lineage, dict) or lineage.get("fingerprint") != own:
+        return (own,)
+    return (own, *(f for f in lineage.get("same_function_as") or [] if isinstance(f, str) and f != own))
+
+
+def record_lineage(vae: AutoencoderKL, sources: tuple[str, ...]) -> None:
+    """Record that `vae` computes the same function as the models with these fingerprints."""
+    own = model_fingerprint(vae)
+    vae.register_to_config(**{LINEAGE_KEY: {"fingerprint": own, "same_function_as": [f for f in sources if f != own]}})
 
 
 def count_parameters(module: torch.nn.Module) -> int:

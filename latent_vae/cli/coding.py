@@ -105,7 +105,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
     def decode_one(path: Path) -> None:
         latent = load_latent_file(path)
-        if latent.fingerprint != codec.fingerprint:
+        if latent.fingerprint not in codec.fingerprints:  # its own, or a model with the same function (fp16-fix)
             raise ValueError(
                 f"{path}: made by another model (fingerprint {latent.fingerprint}, this model {codec.fingerprint}); "
                 "decode it with the model that encoded it"
