@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, smooth_image
 from PIL import Image
-
-TINY = "f16c16-tiny"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -20,17 +19,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """uint8 HxWx3 with smooth gradients and blobs: more like a photo than white noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = []
-    for _ in range(3):
-        fy, fx, phase = rng.uniform(0.01, 0.08, 2).tolist() + [rng.uniform(0, 6.28)]
-        channels.append(0.5 + 0.4 * np.sin(fy * y + fx * x + phase))
-    return (np.stack(channels, -1) * 255).clip(0, 255).astype(np.uint8)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 from PIL import Image
 from safetensors.torch import save_file
 

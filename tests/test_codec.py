@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, smooth_image
+from helpers import TINY, smooth_image
 from PIL import Image
 
 from latent_vae import LatentCodec, LatentNormalization, NonFiniteError, build_vae

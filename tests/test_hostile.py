@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import TINY, smooth_image
+from helpers import TINY, smooth_image
 from PIL import Image
 from safetensors.torch import load_file, save_file
 

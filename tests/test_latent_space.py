@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import smooth_image
+from helpers import smooth_image
 from PIL import Image
 
 from latent_vae import LatentCodec, build_vae

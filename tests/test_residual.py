@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
-from conftest import smooth_image
 from diffusers import AutoencoderKL
+from helpers import smooth_image
 
 from latent_vae import LatentCodec, build_vae, get_preset, load_vae, save_vae
 from latent_vae.metrics import psnr

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import smooth_image
 from diffusers import AutoencoderKL
+from helpers import smooth_image
 
 from latent_vae import LatentCodec, build_vae, calibrate, load_vae, save_vae
 from latent_vae.stats import RunningLatentStats
