@@ -226,21 +226,21 @@ def test_cuda_plans_tile_levels_too_big_for_fast_kernels_and_recompute_rather_th
     """Planned for CUDA (arithmetic only: no GPU is needed). A decoder level whose tensor of one image has 2**31
     elements or more is tiled even when memory is plentiful; automatic CUDA plans never keep tiles in host
     memory; a batch of small images stays whole (a batch can be split under 32-bit indexing)."""
-    from latent_vae.tiling import CUDA_WHOLE_ELEMENTS, program_for
+    from latent_vae.tiling import CUDA_TILE_FROM_ELEMENTS, program_for
 
     vae = build_vae("f16c16-tiny", seed=0)
     program = program_for(vae, "decode")
     latent = (1, vae.config.latent_channels, 1024, 1024)  # a 16384x16384 image
     sizes, channels = program.sizes(*latent[-2:]), program.channels()
-    huge = [any(channels[op.dst] * sizes[op.dst][0] * sizes[op.dst][1] >= CUDA_WHOLE_ELEMENTS for op in segment.ops)
-            for segment in program.segments]
+    huge = [any(channels[op.dst] * sizes[op.dst][0] * sizes[op.dst][1] >= CUDA_TILE_FROM_ELEMENTS for op in level.ops)
+            for level in program.levels]
     assert any(huge) and not all(huge)
     plentiful = "1000TB"
     on_cpu = plan_coding(vae, "decode", latent, max_memory=plentiful, device="cpu")
     on_cuda = plan_coding(vae, "decode", latent, max_memory=plentiful, device="cuda")
     assert on_cpu.whole
     assert not on_cuda.whole and "keep" not in on_cuda.strategies
-    assert [s != "whole" for s in on_cuda.strategies] == huge
+    assert [s != "untiled" for s in on_cuda.strategies] == huge
     tight = plan_coding(vae, "decode", latent, max_memory=on_cuda.estimated_bytes // 4, device="cuda")
     assert "keep" not in tight.strategies and tight.estimated_bytes <= on_cuda.estimated_bytes // 4
     forced = plan_coding(vae, "decode", latent, max_memory=plentiful, device="cuda", strategy="keep")
@@ -250,7 +250,7 @@ def test_cuda_plans_tile_levels_too_big_for_fast_kernels_and_recompute_rather_th
 
 
 def test_bf16_tiles_normalise_a_few_groups_at_a_time_with_the_same_result(monkeypatch):
-    """bf16/fp16 GroupNorm runs in fp32 in slices of channels (so that whole levels hold no fp32 copy of the
+    """bf16/fp16 GroupNorm runs in fp32 in slices of channels (so that untiled levels hold no fp32 copy of the
     tensor): the slices must give exactly what one pass gives, batches included, and stay close to the whole
     image in bf16 (how close fp32 reordering allows after bf16 rounding)."""
     from latent_vae.tiling import ops

@@ -1,4 +1,5 @@
-"""The entry points: exact tiled encode and decode, and a diffusers VAE that chooses whole or tiles itself."""
+"""The entry points: exact tiled encode and decode, and a diffusers VAE that chooses whole-image coding or exact
+tiles itself."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from .program import program_for
 
 @torch.inference_mode()
 def encode_exact(vae: nn.Module, x: torch.Tensor, plan: CodingPlan) -> torch.Tensor:
-    """images N x C x H x W -> posterior moments, as `vae._encode(x)` computes them whole."""
+    """images N x C x H x W -> posterior moments, as `vae._encode(x)` computes them on the whole image."""
     storage = torch.device("cpu") if x.device.type == "cuda" else x.device
     return run_program(program_for(vae, "encode"), x, plan.strategies, plan.tile_size, storage).to(x.device)
 
 
 @torch.inference_mode()
 def decode_exact(vae: nn.Module, z: torch.Tensor, plan: CodingPlan) -> torch.Tensor:
-    """raw latents (before post_quant_conv) -> images, as `vae._decode(z).sample` computes them whole."""
+    """raw latents (before post_quant_conv) -> images, as `vae._decode(z).sample` computes them on the whole image."""
     storage = torch.device("cpu") if z.device.type == "cuda" else z.device
     return run_program(program_for(vae, "decode"), z, plan.strategies, plan.tile_size, storage).to(z.device)
 

@@ -1,4 +1,4 @@
-"""Running a program segment by segment, whole or tile by tile from stored full tensors."""
+"""Running a program level by level: untiled, or tile by tile from stored full tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import math
 
 import torch
 
-from .ops import Norm, Op, Region, _combine_stats, _Context, _crop, _finish_stats, _full, _tile_stats, _union
+from .ops import (
+    Norm,
+    Op,
+    Region,
+    RunContext,
+    combine_stats,
+    crop,
+    finish_stats,
+    full_region,
+    tile_stats,
+    union,
+)
 from .program import Program
 
 
@@ -20,18 +31,18 @@ def tile_regions(size: tuple[int, int], tile: int) -> list[Region]:
     return [(r0, r1, c0, c1) for r0, r1 in itertools.pairwise(rows) for c0, c1 in itertools.pairwise(cols)]
 
 
-def _needs(ops: list[Op], targets: dict[str, Region], sizes: dict) -> dict[str, Region]:
+def regions_needed(ops: list[Op], targets: dict[str, Region], sizes: dict) -> dict[str, Region]:
     """The region of every register that computing `targets` needs (walking the ops backwards)."""
     needs = dict(targets)
     for op in reversed(ops):
         if op.dst not in needs:
             continue
         for src, region in zip(op.srcs, op.input_regions(needs[op.dst], sizes)):
-            needs[src] = _union(needs.get(src), region)
+            needs[src] = union(needs.get(src), region)
     return needs
 
 
-def _last_reads(ops: list[Op]) -> dict[str, int]:
+def last_reads(ops: list[Op]) -> dict[str, int]:
     """Register -> position in `ops` of the last op that reads it (after which it can be freed)."""
     last = {}
     for i, op in enumerate(ops):
@@ -42,9 +53,9 @@ def _last_reads(ops: list[Op]) -> dict[str, int]:
 
 def _run_pass(ops, stored: dict, targets: dict[str, Region], sizes, ctx) -> dict[str, torch.Tensor]:
     """Compute `targets` (register -> region) from the stored full tensors, holding only tile-sized temporaries."""
-    needs = _needs(ops, targets, sizes)
+    needs = regions_needed(ops, targets, sizes)
     active = [op for op in ops if op.dst in needs and op.dst not in stored]
-    last_use = _last_reads(active)
+    last_use = last_reads(active)
     live: dict[str, tuple[torch.Tensor, Region]] = {}
     for i, op in enumerate(active):
         region = needs[op.dst]
@@ -53,30 +64,30 @@ def _run_pass(ops, stored: dict, targets: dict[str, Region], sizes, ctx) -> dict
             if src in live:
                 tensor, have = live[src]
             else:
-                tensor, have = stored[src], _full(sizes[src])
-            inputs.append(_crop(tensor, have, want).to(ctx.device, non_blocking=True))
+                tensor, have = stored[src], full_region(sizes[src])
+            inputs.append(crop(tensor, have, want).to(ctx.device, non_blocking=True))
         first = op.srcs[0]
         inplace = first in live and last_use.get(first) == i and first not in targets and op.srcs.count(first) == 1
         live[op.dst] = (op.apply(inputs, region, sizes, ctx, inplace), region)
         for src in set(op.srcs):
             if last_use.get(src) == i and src in live and src not in targets:
                 del live[src]
-    return {name: _crop(*(live[name] if name in live else (stored[name], _full(sizes[name]))), region)
+    return {name: crop(*(live[name] if name in live else (stored[name], full_region(sizes[name]))), region)
             for name, region in targets.items()}
 
 
-def _segment_outputs(program: Program, index: int) -> list[str]:
-    """Registers made in segment `index` that later segments (or the caller) read."""
-    made = {op.dst for op in program.segments[index].ops}
-    later = {src for segment in program.segments[index + 1 :] for op in segment.ops for src in op.srcs}
+def _level_outputs(program: Program, index: int) -> list[str]:
+    """Registers made in level `index` that later levels (or the caller) read."""
+    made = {op.dst for op in program.levels[index].ops}
+    later = {src for level in program.levels[index + 1 :] for op in level.ops for src in op.srcs}
     return [name for name in made if name in later or name == program.output]
 
 
 def run_program(program: Program, x: torch.Tensor, strategies: tuple[str, ...], tile_size: int,
                 storage: torch.device) -> torch.Tensor:
-    """Run `program` on `x` with a strategy per segment and tiles of `tile_size`; full tensors live on `storage`."""
+    """Run `program` on `x` with a strategy per level and tiles of `tile_size`; full tensors live on `storage`."""
     sizes = program.sizes(*x.shape[-2:])
-    ctx = _Context(device=x.device, batch=x.shape[0], dtype=x.dtype)
+    ctx = RunContext(device=x.device, batch=x.shape[0], dtype=x.dtype)
     for op in program.ops:
         if isinstance(op, Norm):
             ctx.norms_reading.setdefault(op.srcs[0], []).append(op)
@@ -86,7 +97,7 @@ def run_program(program: Program, x: torch.Tensor, strategies: tuple[str, ...], 
             readers[src] = readers.get(src, 0) + 1
     channels_last = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    last_read = _last_reads(program.ops)  # positions in the whole program
+    last_read = last_reads(program.ops)  # positions in the program
 
     def forget(stored, done):  # drop stored tensors that no op after position `done` reads
         for name in [n for n in stored if last_read.get(n, -1) <= done and n != program.output]:
@@ -94,23 +105,23 @@ def run_program(program: Program, x: torch.Tensor, strategies: tuple[str, ...], 
 
     stored = {program.input: x}
     position = 0
-    for index, (segment, strategy) in enumerate(zip(program.segments, strategies)):
-        outputs = _segment_outputs(program, index)
-        if strategy == "whole" or segment.whole_only:
-            results = _run_pass(segment.ops, stored, {o: _full(sizes[o]) for o in outputs}, sizes, ctx)
+    for index, (level, strategy) in enumerate(zip(program.levels, strategies)):
+        outputs = _level_outputs(program, index)
+        if strategy == "untiled" or level.untileable:
+            results = _run_pass(level.ops, stored, {o: full_region(sizes[o]) for o in outputs}, sizes, ctx)
             stored.update({name: t.to(storage) for name, t in results.items()})
         elif strategy == "keep":
             # Store the intermediates in full and run short chains of ops tile by tile: a GroupNorm, the
             # convolution reading it and the residual addition after it, so that normalised tensors and bare
             # convolution outputs are never stored.
             offset = 0
-            for chain in _chains(segment.ops, readers):
+            for chain in _chains(level.ops, readers):
                 _tiled(chain, stored, [chain[-1].dst], sizes, ctx, tile_size, storage, memory_format, program)
                 offset += len(chain)
                 forget(stored, position + offset - 1)
         else:
-            _tiled(segment.ops, stored, outputs, sizes, ctx, tile_size, storage, memory_format, program)
-        position += len(segment.ops)
+            _tiled(level.ops, stored, outputs, sizes, ctx, tile_size, storage, memory_format, program)
+        position += len(level.ops)
         forget(stored, position - 1)
     return stored[program.output]
 
@@ -122,7 +133,7 @@ def _chains(ops: list[Op], readers: dict) -> list[list[Op]]:
     for op in ops:
         last = chains[-1][-1] if chains else None
         if (last is not None and not isinstance(op, Norm) and op.srcs[0] == last.dst and readers.get(last.dst) == 1
-                and not op.whole_only):
+                and not op.untileable):
             chains[-1].append(op)
         else:
             chains.append([op])
@@ -137,8 +148,8 @@ def _tiled(ops, stored, outputs, sizes, ctx, tile, storage, memory_format, progr
             acc = None
             for region in tile_regions(sizes[op.srcs[0]], tile):
                 t = _run_pass(ops[:i], stored, {op.srcs[0]: region}, sizes, ctx)[op.srcs[0]]
-                acc = _combine_stats(acc, _tile_stats(t, op.norm.num_groups))
-            ctx.stats[op] = _finish_stats(acc, op.norm.eps)
+                acc = combine_stats(acc, tile_stats(t, op.norm.num_groups))
+            ctx.stats[op] = finish_stats(acc, op.norm.eps)
     channels = program.channels()
     batch, dtype = ctx.batch, ctx.dtype
     for name in outputs:
@@ -149,8 +160,8 @@ def _tiled(ops, stored, outputs, sizes, ctx, tile, storage, memory_format, progr
         for region in tile_regions(sizes[name], tile):
             out = _run_pass(ops, stored, {name: region}, sizes, ctx)[name]
             for op in norms:
-                acc[op] = _combine_stats(acc[op], _tile_stats(out, op.norm.num_groups))
-            _crop(full, _full(sizes[name]), region).copy_(out)
+                acc[op] = combine_stats(acc[op], tile_stats(out, op.norm.num_groups))
+            crop(full, full_region(sizes[name]), region).copy_(out)
         for op in norms:
-            ctx.stats[op] = _finish_stats(acc[op], op.norm.eps)
+            ctx.stats[op] = finish_stats(acc[op], op.norm.eps)
         stored[name] = full

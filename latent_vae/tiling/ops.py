@@ -20,21 +20,22 @@ Region = tuple[int, int, int, int]  # (top, bottom, left, right), half-open, in 
 HALF_NORM_CHUNK = 2**24
 
 
-def _full(size: tuple[int, int]) -> Region:
+def full_region(size: tuple[int, int]) -> Region:
+    """The region that covers all of a register of this size."""
     return (0, size[0], 0, size[1])
 
 
-def _union(a: Region | None, b: Region) -> Region:
+def union(a: Region | None, b: Region) -> Region:
     if a is None:
         return b
     return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
 
 
-def _crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
+def crop(x: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
     return x[..., want[0] - have[0] : want[1] - have[0], want[2] - have[2] : want[3] - have[2]]
 
 
-def _area(region: Region) -> int:
+def area(region: Region) -> int:
     return (region[1] - region[0]) * (region[3] - region[2])
 
 
@@ -45,7 +46,7 @@ class Op:
     srcs: tuple[str, ...]
     dst: str
     channels: int  # of dst
-    whole_only: bool = field(default=False, init=False)
+    untileable: bool = field(default=False, init=False)
 
     def out_size(self, sizes: dict) -> tuple[int, int]:
         return sizes[self.srcs[0]]
@@ -53,7 +54,7 @@ class Op:
     def input_regions(self, region: Region, sizes: dict) -> list[Region]:
         return [region for _ in self.srcs]
 
-    def apply(self, inputs: list[torch.Tensor], region: Region, sizes: dict, ctx: _Context, inplace: bool):
+    def apply(self, inputs: list[torch.Tensor], region: Region, sizes: dict, ctx: RunContext, inplace: bool):
         raise NotImplementedError
 
 
@@ -108,9 +109,9 @@ class Norm(Op):
     def apply(self, inputs, region, sizes, ctx, inplace):
         x = inputs[0]
         if self not in ctx.stats:
-            if region != _full(sizes[self.srcs[0]]):
+            if region != full_region(sizes[self.srcs[0]]):
                 raise RuntimeError("internal: GroupNorm statistics missing for a tile")
-            ctx.stats[self] = _finish_stats(_tile_stats(x, self.norm.num_groups), self.norm.eps)
+            ctx.stats[self] = finish_stats(tile_stats(x, self.norm.num_groups), self.norm.eps)
         mean, rstd = ctx.stats[self]
         n, c = x.shape[:2]
         per_channel = c // self.norm.num_groups
@@ -119,7 +120,7 @@ class Norm(Op):
         weight, bias = (self.norm.weight, self.norm.bias) if self.norm.affine else (None, None)
         if x.dtype != torch.float32:
             # bf16/fp16: normalise in fp32 as GroupNorm does, then round once; a few groups at a time, so that
-            # the fp32 temporaries stay small (for a whole level they would be four times its bytes, which the
+            # the fp32 temporaries stay small (for an untiled level they would be four times its bytes, which the
             # memory policy does not count)
             out = x if inplace else torch.empty_like(x)
             step = max(per_channel, HALF_NORM_CHUNK // (n * x[0, 0].numel()) // per_channel * per_channel)
@@ -145,18 +146,26 @@ class Norm(Op):
         return F.silu(out, inplace=True) if self.silu else out
 
 
-def _tile_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def tile_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(mean, M2, count) per sample and group of one tile, in float64 for combining. GroupNorm's own kernel
     gives them fastest (with eps 0 its rstd is exactly 1/std); it also normalises, which is discarded."""
     n, c, h, w = x.shape
+    count = c // groups * h * w
+    if x.dtype != torch.float32:
+        # the kernel returns bf16/fp16 statistics for a bf16/fp16 input (whole-image GroupNorm keeps them in
+        # fp32): take them from fp32 copies, a few groups at a time, as Norm.apply normalises
+        per_group = count * n
+        step = max(1, HALF_NORM_CHUNK // per_group)
+        parts = [tile_stats(x[:, g * c // groups:min(groups, g + step) * c // groups].float(), min(step, groups - g))
+                 for g in range(0, groups, step)]
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), count
     if x.stride() != (h * w * c, 1, w * c, c):
         x = x.contiguous()  # the kernel takes dense NCHW or NHWC, not a cropped view
     _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, h * w, groups, 0.0)
-    count = c // groups * h * w
     return mean.double().view(n, groups), rstd.double().view(n, groups).pow(-2) * count, count
 
 
-def _combine_stats(a, b):
+def combine_stats(a, b):
     """Chan et al.'s parallel combination of (mean, M2, count)."""
     if a is None:
         return b
@@ -166,7 +175,7 @@ def _combine_stats(a, b):
     return mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n), n
 
 
-def _finish_stats(stats, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def finish_stats(stats, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     mean, m2, count = stats
     return mean, torch.rsqrt(m2 / count + eps)
 
@@ -225,27 +234,30 @@ class Add(Op):
 
 
 @dataclass(eq=False)
-class Whole(Op):
-    """A step that needs whole tensors (self-attention, a shortcut code): runs once, on the whole image."""
+class Untileable(Op):
+    """A step that reads all of its inputs at once (self-attention, a shortcut code): it cannot be cut into
+    tiles, so its level always runs untiled."""
 
     fn: Callable = None
     size_fn: Callable = None
 
     def __post_init__(self):
-        self.whole_only = True
+        self.untileable = True
 
     def out_size(self, sizes):
         return self.size_fn(sizes[self.srcs[0]]) if self.size_fn else sizes[self.srcs[0]]
 
     def input_regions(self, region, sizes):
-        return [_full(sizes[s]) for s in self.srcs]
+        return [full_region(sizes[s]) for s in self.srcs]
 
     def apply(self, inputs, region, sizes, ctx, inplace):
         return self.fn(*inputs)
 
 
 @dataclass
-class _Context:
+class RunContext:
+    """What the operations of one run share: where tiles are computed, and the GroupNorm statistics gathered."""
+
     device: torch.device
     batch: int
     dtype: torch.dtype

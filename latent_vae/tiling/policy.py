@@ -1,21 +1,19 @@
-"""The memory policy: whole-image coding or exact tiles, a strategy per segment, from a memory budget."""
+"""The memory policy: whole-image coding or exact tiles, a strategy per level, from a memory budget."""
 
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from .executor import _last_reads, _needs
-from .ops import Conv, Norm, _area, _full
+from .executor import last_reads, regions_needed
+from .ops import Conv, Norm, area, full_region
 from .program import Program, program_for
 
-Strategy = Literal["whole", "keep", "recompute"]
-STRATEGIES = ("whole", "keep", "recompute")
+STRATEGIES = ("untiled", "keep", "recompute")
 TILE_SIZES = (2048, 1024, 512, 256, 128, 64)  # candidates the policy tries, largest first
 # Calibration of the activation estimate against measured peaks (resident set on CPU, allocator peak on CUDA):
 # allocator slack, convolution workspaces and the interpreter; see benchmarks/tiling.py.
@@ -24,16 +22,18 @@ BASE_BYTES = 600 * 2**20
 # diffusers' untiled forward holds more at its peak than this executor's liveness count of the same program
 # (calibrated on the whole-image rows of benchmarks/results/tiling*.json: resident sets on CPU, allocator
 # peaks on CUDA; the larger of the two CUDA rows sets its factor).
-WHOLE_PATH_FACTOR = {"cpu": 1.35, "cuda": 1.6}
+WHOLE_IMAGE_FACTOR = {"cpu": 1.35, "cuda": 1.6}
 # On CUDA a tensor of one image with 2**31 elements or more (128 channels at 4096x4096) is past 32-bit indexing
-# (a batch can be split under it, one image cannot; our reading, not profiled): the whole 4096x4096 f16c16
-# decode was slower than exact tiles (benchmarks/results/tiling_cuda.md). Such levels are tiled on CUDA.
-CUDA_WHOLE_ELEMENTS = 2**31
+# (a batch can be split under it, one image cannot; our reading, not profiled): whole-image coding of a 4096x4096
+# f16c16 decode measured slower than exact tiles (benchmarks/results/tiling_cuda.md). Such levels are tiled on CUDA.
+CUDA_TILE_FROM_ELEMENTS = 2**31
 
 
 @dataclass(frozen=True)
 class CodingPlan:
-    """How to code one batch: `whole` (diffusers' untiled path) or exact tiles with a strategy per segment."""
+    """How to code one batch. `whole`: whole-image coding, diffusers' own forward (no program, no tiles). Otherwise
+    this package's executor runs the program with a strategy per level ("untiled", "keep", "recompute") and tiles
+    of `tile_size` pixels."""
 
     whole: bool
     strategies: tuple[str, ...] = ()
@@ -45,7 +45,7 @@ class CodingPlan:
         if self.whole:
             return f"whole image (estimated {_gib(self.estimated_bytes)})"
         kinds = {s: self.strategies.count(s) for s in STRATEGIES if s in self.strategies}
-        return (f"exact tiles of {self.tile_size} px ({', '.join(f'{n} {k}' for k, n in kinds.items())} segments; "
+        return (f"exact tiles of {self.tile_size} px ({', '.join(f'{n} {k}' for k, n in kinds.items())} levels; "
                 f"estimated {_gib(self.estimated_bytes)})")
 
 
@@ -90,15 +90,15 @@ def default_budget(device: torch.device) -> int:
 
 def _pass_bytes(ops, targets, sizes, channels, batch, itemsize, stored) -> int:
     """Peak bytes of the temporaries of one `_run_pass` (input crops are views on CPU, copies on CUDA)."""
-    needs = _needs(ops, targets, sizes)
+    needs = regions_needed(ops, targets, sizes)
     active = [op for op in ops if op.dst in needs and op.dst not in stored]
-    last = _last_reads(active)
+    last = last_reads(active)
     live, peak = {}, 0
     for i, op in enumerate(active):
         region = needs[op.dst]
-        padded = sum(_area(r) * channels[s] for s, r in zip(op.srcs, op.input_regions(region, sizes))
+        padded = sum(area(r) * channels[s] for s, r in zip(op.srcs, op.input_regions(region, sizes))
                      if isinstance(op, Conv) or s in stored)
-        live[op.dst] = _area(region) * channels[op.dst]
+        live[op.dst] = area(region) * channels[op.dst]
         peak = max(peak, sum(live.values()) + padded)
         for src in op.srcs:
             if last.get(src) == i and src in live and src not in targets:
@@ -109,21 +109,21 @@ def _pass_bytes(ops, targets, sizes, channels, batch, itemsize, stored) -> int:
 def estimate_bytes(program: Program, size: tuple[int, int], batch: int, itemsize: int,
                    strategies: tuple[str, ...], tile: int, weights: int, on_device_only: bool) -> int:
     """Peak memory of running `program` with these strategies: stored tensors + working set, calibrated.
-    `on_device_only` (CUDA with host storage): count only what lives on the device in tiled segments."""
+    `on_device_only` (CUDA with host storage): count only what lives on the device in tiled levels."""
     sizes, channels = program.sizes(*size), program.channels()
     full = {name: batch * itemsize * channels[name] * s[0] * s[1] for name, s in sizes.items()}
-    last = _last_reads(program.ops)
+    last = last_reads(program.ops)
     last[program.output] = len(program.ops)
     live = {program.input: full[program.input]}
     peak, position = 0, 0
-    for segment, strategy in zip(program.segments, strategies):
-        tiled = strategy != "whole" and not segment.whole_only
+    for level, strategy in zip(program.levels, strategies):
+        tiled = strategy != "untiled" and not level.untileable
         count_stored = not (tiled and on_device_only)
         if not tiled or strategy == "keep":
-            for op in segment.ops:
+            for op in level.ops:
                 work = 0
                 if tiled:
-                    tile_targets = {op.dst: _full((min(tile, sizes[op.dst][0]), min(tile, sizes[op.dst][1])))}
+                    tile_targets = {op.dst: full_region((min(tile, sizes[op.dst][0]), min(tile, sizes[op.dst][1])))}
                     work = _pass_bytes([op], tile_targets, sizes, channels, batch, itemsize, set(op.srcs))
                 elif isinstance(op, Conv) and op.pad_lo != op.pad_hi:
                     work = full[op.srcs[0]]  # the padded copy of the input
@@ -136,18 +136,18 @@ def estimate_bytes(program: Program, size: tuple[int, int], batch: int, itemsize
         else:
             stored = set(live)
             work = 0
-            for i, op in enumerate(segment.ops):
-                if isinstance(op, Norm) or i == len(segment.ops) - 1:
+            for i, op in enumerate(level.ops):
+                if isinstance(op, Norm) or i == len(level.ops) - 1:
                     name = op.srcs[0] if isinstance(op, Norm) else op.dst
                     box = (min(tile, sizes[name][0]), min(tile, sizes[name][1]))
-                    ops = segment.ops[:i] if isinstance(op, Norm) else segment.ops
-                    work = max(work, _pass_bytes(ops, {name: _full(box)}, sizes, channels, batch, itemsize, stored))
-            outputs = [op.dst for op in segment.ops if last.get(op.dst, -1) >= position + len(segment.ops)
+                    ops = level.ops[:i] if isinstance(op, Norm) else level.ops
+                    work = max(work, _pass_bytes(ops, {name: full_region(box)}, sizes, channels, batch, itemsize, stored))
+            outputs = [op.dst for op in level.ops if last.get(op.dst, -1) >= position + len(level.ops)
                        or op.dst == program.output]
             for name in outputs:
                 live[name] = full[name]
             peak = max(peak, (sum(live.values()) if count_stored else 0) + work)
-            position += len(segment.ops)
+            position += len(level.ops)
             for name in list(live):
                 if last.get(name, -1) < position and name != program.output:
                     del live[name]
@@ -176,19 +176,19 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     weights = sum(p.numel() * p.element_size() for p in vae.parameters())
     on_cuda = device.type == "cuda"
-    segments = program.segments
-    whole = ("whole",) * len(segments)
+    levels = program.levels
+    all_untiled = ("untiled",) * len(levels)
 
     def estimate(strategies, tile):
         return estimate_bytes(program, size, batch, itemsize, strategies, tile, weights, on_cuda)
 
     sizes, channels = program.sizes(*size), program.channels()
-    too_big_whole = [on_cuda and not segment.whole_only and max(
-        channels[op.dst] * sizes[op.dst][0] * sizes[op.dst][1] for op in segment.ops) >= CUDA_WHOLE_ELEMENTS
-        for segment in segments]
-    whole_bytes = int(estimate(whole, 0) * WHOLE_PATH_FACTOR["cuda" if on_cuda else "cpu"])
-    if tile_size is None and strategy is None and whole_bytes <= budget and not any(too_big_whole):
-        return CodingPlan(True, whole, 0, whole_bytes, budget)
+    too_big_untiled = [on_cuda and not level.untileable and max(
+        channels[op.dst] * sizes[op.dst][0] * sizes[op.dst][1] for op in level.ops) >= CUDA_TILE_FROM_ELEMENTS
+        for level in levels]
+    whole_bytes = int(estimate(all_untiled, 0) * WHOLE_IMAGE_FACTOR["cuda" if on_cuda else "cpu"])
+    if tile_size is None and strategy is None and whole_bytes <= budget and not any(too_big_untiled):
+        return CodingPlan(True, all_untiled, 0, whole_bytes, budget)
     tiles = (tile_size,) if tile_size is not None else TILE_SIZES
     forced = tile_size is not None or strategy is not None
     if strategy is not None:
@@ -196,12 +196,12 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
     elif forced:
         options = ("keep", "recompute")
     else:
-        # On CPU "keep" holds what "whole" holds, so it never helps. On CUDA it holds it in host memory, and the
+        # On CPU "keep" holds what "untiled" holds, so it never helps. On CUDA it holds it in host memory, and the
         # copies cost more than recomputing (benchmarks/results/tiling_cuda.md): an expert's choice there.
-        options = ("whole", "recompute")
+        options = ("untiled", "recompute")
     # On CUDA kept intermediates live in host memory: they must fit there too.
     host_budget = default_budget(torch.device("cpu")) if on_cuda and "keep" in options else None
-    fixed = tuple("whole" if s.whole_only else options[-1] for s in segments)
+    fixed = tuple("untiled" if s.untileable else options[-1] for s in levels)
 
     def fits(strategies, tile):
         if estimate(strategies, tile) > budget:
@@ -213,9 +213,9 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
         if not fits(fixed, tile) and tile != tiles[-1]:
             continue
         strategies = list(fixed)
-        for i, segment in enumerate(segments):  # the fastest strategy per segment that keeps the peak in budget
-            for option in options[:-1] if not segment.whole_only else ():
-                if option == "whole" and too_big_whole[i]:
+        for i, level in enumerate(levels):  # the fastest strategy per level that keeps the peak in budget
+            for option in options[:-1] if not level.untileable else ():
+                if option == "untiled" and too_big_untiled[i]:
                     continue
                 trial = tuple(strategies[:i]) + (option,) + tuple(strategies[i + 1 :])
                 if fits(trial, tile):

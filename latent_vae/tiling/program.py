@@ -1,4 +1,4 @@
-"""Reading a diffusers VAE into a program of operations, cut into segments at the resolution changes."""
+"""Reading a diffusers VAE into a program of operations, cut into levels at the resolution changes."""
 
 from __future__ import annotations
 
@@ -11,30 +11,32 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from ..residual import channel_to_space, space_to_channel, thumbnail_code, thumbnail_image
-from .ops import Add, Conv, Norm, Op, UpsampleNearest, Whole
+from .ops import Add, Conv, Norm, Op, Untileable, UpsampleNearest
 
 
 @dataclass
-class Segment:
+class Level:
+    """The operations between two resolution changes (or around an untileable shortcut code)."""
+
     ops: list[Op]
 
     @property
-    def whole_only(self) -> bool:
-        return any(op.whole_only for op in self.ops)
+    def untileable(self) -> bool:
+        return any(op.untileable for op in self.ops)
 
 
 @dataclass
 class Program:
-    """The encoder (image -> posterior moments after quant_conv) or decoder (raw latent -> image) as segments."""
+    """The encoder (image -> posterior moments after quant_conv) or decoder (raw latent -> image) as levels."""
 
-    segments: list[Segment]
+    levels: list[Level]
     input: str
     output: str
     input_channels: int
 
     @property
     def ops(self) -> list[Op]:
-        return [op for segment in self.segments for op in segment.ops]
+        return [op for level in self.levels for op in level.ops]
 
     def sizes(self, height: int, width: int) -> dict:
         sizes = {self.input: (height, width)}
@@ -50,15 +52,15 @@ class Program:
 
 class _Builder:
     def __init__(self):
-        self.segments: list[Segment] = [Segment([])]
+        self.levels: list[Level] = [Level([])]
         self.count = 0
 
     def cut(self) -> None:
-        if self.segments[-1].ops:
-            self.segments.append(Segment([]))
+        if self.levels[-1].ops:
+            self.levels.append(Level([]))
 
     def add(self, op: Op) -> str:
-        self.segments[-1].ops.append(op)
+        self.levels[-1].ops.append(op)
         return op.dst
 
     def name(self) -> str:
@@ -96,7 +98,7 @@ class _Builder:
     def attention(self, x: str, attn: nn.Module, channels: int) -> str:
         if not isinstance(attn, Attention):
             raise ValueError(f"exact tiling supports diffusers Attention, got {type(attn).__name__}")
-        return self.add(Whole((x,), self.name(), channels, fn=attn))
+        return self.add(Untileable((x,), self.name(), channels, fn=attn))
 
     def block(self, x: str, block: nn.Module, channels: int) -> tuple[str, int]:
         """The resnets (and attentions) of a down/up/mid block."""
@@ -148,7 +150,7 @@ def encoder_program(vae: nn.Module) -> Program:
         factor = encoder.factor
         fn = (lambda t: thumbnail_code(t, latent_channels, factor)) if shortcut == "thumbnail" else (
             lambda t: space_to_channel(t, latent_channels, factor))
-        code = b.add(Whole((x,), b.name(), latent_channels, fn=fn,
+        code = b.add(Untileable((x,), b.name(), latent_channels, fn=fn,
                            size_fn=lambda s: (s[0] // factor, s[1] // factor)))
         b.cut()
     stage = shortcut == "stage"
@@ -175,7 +177,7 @@ def encoder_program(vae: nn.Module) -> Program:
         out = b.add(Add((out, code), b.name(), 2 * latent_channels))
     if vae.quant_conv is not None:
         out = b.conv(out, vae.quant_conv)
-    return Program(b.segments, x, out, encoder.conv_in.in_channels)
+    return Program(b.levels, x, out, encoder.conv_in.in_channels)
 
 
 def decoder_program(vae: nn.Module) -> Program:
@@ -193,7 +195,7 @@ def decoder_program(vae: nn.Module) -> Program:
         factor = decoder.factor
         fn = (lambda t: thumbnail_image(t, factor)) if shortcut == "thumbnail" else (
             lambda t: channel_to_space(t, image_channels, factor))
-        image_shortcut = b.add(Whole((z,), b.name(), image_channels, fn=fn,
+        image_shortcut = b.add(Untileable((z,), b.name(), image_channels, fn=fn,
                                      size_fn=lambda s: (s[0] * factor, s[1] * factor)))
     stage = shortcut == "stage"
     channels = decoder.conv_in.out_channels
@@ -217,7 +219,7 @@ def decoder_program(vae: nn.Module) -> Program:
         out = b.add(Add((out, h), b.name(), image_channels, shortcut="resize", shortcut_channels=image_channels))
     elif image_shortcut is not None:
         out = b.add(Add((out, image_shortcut), b.name(), image_channels))
-    return Program(b.segments, "z", out, decoder.conv_in.in_channels if vae.post_quant_conv is None
+    return Program(b.levels, "z", out, decoder.conv_in.in_channels if vae.post_quant_conv is None
                    else vae.post_quant_conv.in_channels)
 
 
