@@ -1,0 +1,169 @@
+"""Typed option values with their ranges: the one place that says what a count, a size in pixels, a factor,
+a timeout, a memory budget or a device may be.
+
+Each parser takes the text of a command-line flag (or a value from a config file or a Python caller) and
+returns the typed value, or raises `BadValue` saying what was wanted and what was given. `BadValue` is both a
+`ValueError` (for configs and Python callers) and an `argparse.ArgumentTypeError`, so as an argparse `type=`
+its message is the error line, which names the option: `argument --batch-size: must be a positive integer,
+got '0'`. The same parsers serve every command's flags, `PrecomputeOptions.validate` and the training config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# Counts (images, steps, pixels, workers) above this are surely a typo, and some would overflow a C int later.
+MAX_COUNT = 2**31 - 1
+# A memory budget below this cannot hold one tile of any model: most likely a missing unit ("0.5" meant GB).
+MIN_MEMORY = 1 << 20
+MAX_MEMORY = 1 << 60  # 1 EiB: beyond any machine
+MEMORY_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+                "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+DEVICE_NAMES = "cpu, cuda, cuda:N, mps or auto"
+
+
+class BadValue(argparse.ArgumentTypeError, ValueError):
+    """A value out of its range or of the wrong type; the message says what was wanted and what was given."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Integer:
+    """An integer in [low, high]: `Integer(1)` a positive count. Text must be decimal digits (no 1e3, no 2.0)."""
+
+    low: int = 1
+    high: int = MAX_COUNT
+    wanted: str = ""
+
+    def __call__(self, value: Any) -> int:
+        number = None
+        whole_float = isinstance(value, float) and math.isfinite(value) and value.is_integer()
+        digits = isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value)
+        if isinstance(value, int) and not isinstance(value, bool) or whole_float or digits:
+            number = int(value)
+        if number is None or not self.low <= number <= self.high:
+            raise BadValue(f"must be {self.describe()}, got {_shown(value)}")
+        return number
+
+    def describe(self) -> str:
+        if self.wanted:
+            return self.wanted
+        if self.low == 1 and self.high == MAX_COUNT:
+            return "a positive integer"
+        if self.low == 0 and self.high == MAX_COUNT:
+            return "an integer of 0 or more"
+        return f"an integer from {self.low} to {self.high}"
+
+
+@dataclass(frozen=True)
+class Real:
+    """A finite number above `low` (or at least `low` when `inclusive`), at most `high`; never NaN or inf."""
+
+    low: float = 0.0
+    inclusive: bool = False
+    high: float = math.inf
+    wanted: str = ""
+
+    def __call__(self, value: Any) -> float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str) and len(value) <= 64:
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        above = number is not None and (number >= self.low if self.inclusive else number > self.low)
+        if number is None or not math.isfinite(number) or not above or number > self.high:
+            raise BadValue(f"must be {self.describe()}, got {_shown(value)}")
+        return number
+
+    def describe(self) -> str:
+        if self.wanted:
+            return self.wanted
+        if self.low == 0:
+            bound = "a finite number of 0 or more" if self.inclusive else "a positive finite number"
+        else:
+            bound = f"a finite number {'of at least' if self.inclusive else 'above'} {self.low:g}"
+        return bound + (f", at most {self.high:g}" if math.isfinite(self.high) else "")
+
+
+positive_int = Integer(1)
+non_negative_int = Integer(0)  # 0 often means "no limit" or "all"
+any_int = Integer(-MAX_COUNT, MAX_COUNT, "an integer")  # a seed
+positive_float = Real(0.0)
+factor = Real(1.0, inclusive=True)  # an upscaling or aspect limit: 1 means none
+non_negative_float = Real(0.0, inclusive=True)
+# Seconds to wait: positive and finite (time.sleep overflows on inf; a heartbeat at inf / 4 never beats).
+timeout = Real(0.0, high=365 * 24 * 3600.0, wanted="a positive finite number of seconds, at most a year")
+
+
+def byte_size(value: Any) -> int:
+    """'4GB', '512MiB', '1.5 GiB' or a number of bytes -> bytes, from MIN_MEMORY (1 MiB) to MAX_MEMORY."""
+    wanted = "a memory size such as 4GB, 512MiB or a number of bytes, at least 1MiB"
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = float(value) if value < MAX_MEMORY else math.inf
+    else:
+        match = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{0,30})?|\.\d{1,30})\s*([a-zA-Z]{0,3})\s*", str(value))
+        if not match or match.group(2).lower() not in MEMORY_UNITS:
+            raise BadValue(f"must be {wanted}, got {_shown(value)}")
+        number = float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()]
+    if not math.isfinite(number) or number > MAX_MEMORY:
+        raise BadValue(f"must be {wanted} and at most 1 EiB, got {_shown(value)}")
+    if number < MIN_MEMORY:
+        raise BadValue(f"must be at least 1MiB, got {_shown(value)}: {int(number)} bytes, too little for any "
+                       "model (a missing unit? 0.5GB)")
+    return int(number)
+
+
+def device(value: Any) -> str:
+    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', checked to exist on this machine (a device that is not there is
+    an error here, before any model is built or any output written)."""
+    text = str(value).strip().lower()
+    if text in ("auto", "cpu"):
+        return text
+    match = re.fullmatch(r"(cuda|mps)(?::(\d{1,3}))?", text)
+    if match is None:
+        raise BadValue(f"must be a device ({DEVICE_NAMES}), got {_shown(value)}")
+    import torch
+
+    kind, index = match.group(1), match.group(2)
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BadValue(f"{_shown(value)}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+        if index is not None and int(index) >= count:
+            raise BadValue(f"{_shown(value)}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadValue(f"{_shown(value)}: this machine has no MPS device; use cpu")
+    return text
+
+
+def optional(parse):
+    """`parse`, letting None through (an option whose default is decided later)."""
+
+    def parse_optional(value: Any):
+        return None if value is None else parse(value)
+
+    return parse_optional
+
+
+def check_fields(obj: Any, rules: dict[str, Any], where: str = "") -> None:
+    """Check attributes of a config dataclass against parsers: a bad one is a BadValue naming the field.
+    `rules` maps a field name to a parser; a None value passes (fields whose default is decided later)."""
+    for name, parse in rules.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        try:
+            parse(value)
+        except BadValue as error:
+            raise BadValue(f"{where}{name} {error}") from None
