@@ -149,6 +149,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_torchrun_with_two_processes_stores_every_key_once_and_both_ranks_work(setup, tmp_path):
+    """The launcher command of the docs, `torchrun --nproc_per_node 2 -m latent_vae precompute ...`: two real
+    processes on one node (gloo on CPU) share the shards of one --out."""
+    model, images, good, bad = setup
+    out = tmp_path / "latents"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port()), *command(model, images, out)]
+    done = subprocess.run(launch, env=environment(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr[-3000:]  # 1: the three bad images, each named
+    assert all(name in done.stderr for name in bad)
+    assert read_summary(out)["world_size"] == 2
+    assert Counter(stored_keys(out)) == Counter(good)  # every key exactly once
+    assert sorted(f["key"] for f in read_failures(out)) == bad
+    assert len({m.pid for m in read_manifests(out).values()}) == 2  # both ranks committed shards
+    verify = subprocess.run([sys.executable, "-m", "latent_vae", "precompute", "--verify", str(out)],
+                            env=environment(), capture_output=True, text=True, timeout=120, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 def test_two_nodes_on_localhost_equal_one_process(setup, tmp_path):
     model, images, good, bad = setup
     out, single = tmp_path / "nodes", tmp_path / "single"
