@@ -6,8 +6,9 @@ that `max_grad_norm` clips, and how small the gradients are against Adam's epsil
 Fresh `f16c16` weights and a fresh PatchGAN (as when the GAN switches on, but before the decoder has learnt),
 LDM-style crops of scikit-image's sample photos, L1 + KL (+ LPIPS when its weights are in the default cache file).
 The adaptive weight is given three ways: LDM's (ratio of the reconstruction loss summed over pixel values, clamped
-to 1e4), this project's now (the same, divided by the pixel values for our mean losses: the GAN term has LDM's
-strength) and before (the mean loss's ratio clamped to 1e4: too strong once LDM's ratio is past its clamp).
+to 1e4), this project's (the same, divided by the pixel values for our mean losses: the GAN term has LDM's
+strength), and the mean loss's ratio clamped to 1e4 (`gan_weight_before`: what a clamp in mean units would give,
+too strong once LDM's ratio is past its clamp).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def write_results(
     name: str, rows: Sequence[dict], *, notes: str = "", columns: Sequence[str] | None = None,
     out_dir: Path = RESULTS_DIR, extra: dict | None = None,
 ) -> tuple[Path, Path]:
-    """`results/NAME.json` (rows + machine + notes) and `results/NAME.md` (a table to paste in the README)."""
+    """`results/NAME.json` (rows + machine + notes) and `results/NAME.md` (a table for benchmarks/README.md)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
     json_path = out_dir / f"{name}.json"

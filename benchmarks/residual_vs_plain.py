@@ -5,7 +5,7 @@ shared machine they see the same contention; each is then scored on photos it ne
 centre crops), next to the bicubic equal-values baseline: down-sample to as many values as the latent
 holds, up-sample back. A model below that line is worse than resizing.
 
-    python benchmarks/residual_vs_plain.py --minutes 10                  # the README table (2 arms)
+    python benchmarks/residual_vs_plain.py --minutes 10                  # benchmarks/README.md's table (2 arms)
     python benchmarks/residual_vs_plain.py --steps 100 --arms plain global stage  # equal steps, exploring
 
 Arms are NAME or NAME:key=value,... over the defaults of `Arm` (e.g. `stage:lr=1e-3,zero_init=0`).
@@ -224,7 +224,8 @@ def main(args: argparse.Namespace) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["global-fast", "thumbnail-fast"],
-                        help="NAME[:key=value,...] (see Arm; the earlier table: plain global global-small global-fast)")
+                        help="NAME[:key=value,...] (see Arm; the levers table of benchmarks/README.md: plain global global-small "
+                        "global-fast)")
     parser.add_argument("--minutes", type=float, default=None, help="equal wall time per arm")
     parser.add_argument("--steps", type=int, default=None, help="equal steps per arm (when exploring)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm")
