@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from . import values
 from .errors import ConvertError, one_line
+from .files import reading
 from .stats import LatentNormalization
 
 # LDM's Normalize() is GroupNorm(32, C, eps=1e-6) everywhere: the group count is not in the weights.
@@ -140,7 +142,8 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
+    # is_zipfile only finds an end record: random bytes ending in one are no archive (BadZipFile, one line)
+    with reading(path, "zip archive (PyTorch checkpoint)", ConvertError), zipfile.ZipFile(path) as archive:
         return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
 
 
@@ -263,14 +266,14 @@ def read_ddconfig(path: str | os.PathLike) -> LDMArchitecture:
     import yaml  # PyYAML: installed with accelerate and huggingface_hub
 
     path = Path(path)
-    try:
+    with reading(path, "yaml file", ConvertError):
         config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ConvertError(f"{path}: not a readable yaml file ({one_line(error, with_type=True, limit=120)})") from None
     if not isinstance(config, dict):
         raise ConvertError(f"{path}: expected a mapping with model.params.ddconfig")
     params = config.get("model", {}).get("params", config) if isinstance(config.get("model"), dict) else config
-    dd = params.get("ddconfig", params)
+    dd = params.get("ddconfig", params) if isinstance(params, dict) else None
+    if not isinstance(dd, dict):
+        raise ConvertError(f"{path}: model.params.ddconfig must be a mapping, got {type(dd).__name__}")
     needed = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
     missing = [name for name in needed if name not in dd]
     if missing:
@@ -285,20 +288,48 @@ def read_ddconfig(path: str | os.PathLike) -> LDMArchitecture:
     if embed_dim != dd["z_channels"]:
         raise ConvertError(f"{path}: embed_dim {embed_dim} != z_channels {dd['z_channels']}, which diffusers' "
                            "AutoencoderKL cannot express")
+    dd = _checked_ddconfig(dd, path)
     if dd["ch_mult"][0] != 1:
         raise ConvertError(f"{path}: ch_mult {dd['ch_mult']}: diffusers' AutoencoderKL needs ch_mult[0] == 1")
-    resolution = int(dd["resolution"])
+    resolution = dd["resolution"]
     attention = tuple(i for i in range(len(dd["ch_mult"])) if resolution // 2**i in set(dd["attn_resolutions"]))
     return LDMArchitecture(
-        block_out_channels=tuple(int(dd["ch"]) * int(m) for m in dd["ch_mult"]),
-        layers_per_block=int(dd["num_res_blocks"]),
-        latent_channels=int(dd["z_channels"]),
+        block_out_channels=tuple(dd["ch"] * m for m in dd["ch_mult"]),
+        layers_per_block=dd["num_res_blocks"],
+        latent_channels=dd["z_channels"],
         encoder_attention_levels=attention,
         decoder_attention_levels=attention,
-        in_channels=int(dd.get("in_channels", 3)),
-        out_channels=int(dd.get("out_ch", 3)),
+        in_channels=dd.get("in_channels", 3),
+        out_channels=dd.get("out_ch", 3),
         resolution=resolution,
     )
+
+
+# A ddconfig's numbers: widths and counts an AutoencoderKL can be built with (a negative or huge width would
+# reach torch as "negative dimension", or allocate without bound).
+_WIDTH, _COUNT = values.Integer(1, 1 << 16), values.Integer(1, 64)
+_DDCONFIG_NUMBERS = {"ch": _WIDTH, "z_channels": _WIDTH, "in_channels": _WIDTH, "out_ch": _WIDTH,
+                     "num_res_blocks": _COUNT, "resolution": values.Integer(1, 1 << 20)}
+
+
+def _checked_ddconfig(dd: dict, path: Path) -> dict:
+    """The ddconfig's numbers as ints in their ranges; a bad one is a ConvertError naming the file and the field."""
+    checked = dict(dd)
+    try:
+        for name, parse in _DDCONFIG_NUMBERS.items():
+            if name in dd:
+                checked[name] = parse(dd[name])
+        for name, parse in (("ch_mult", _COUNT), ("attn_resolutions", values.Integer(1, 1 << 20))):
+            if not isinstance(dd[name], (list, tuple)) or (name == "ch_mult" and not dd[name]):
+                raise values.BadValue(f"must be a list of integers, got {dd[name]!r}")
+            checked[name] = [parse(v) for v in dd[name]]
+    except values.BadValue as error:
+        raise ConvertError(f"{path}: ddconfig {name} {error}") from None
+    widths = [checked["ch"] * m for m in checked["ch_mult"]]
+    if any(w % LDM_NORM_GROUPS for w in widths):
+        raise ConvertError(f"{path}: ddconfig ch * ch_mult = {widths}: LDM's GroupNorm needs multiples of "
+                           f"{LDM_NORM_GROUPS}")
+    return checked
 
 
 # -- key mapping -----------------------------------------------------------------------------------------------
@@ -371,8 +402,12 @@ def to_diffusers(state_dict: dict[str, torch.Tensor], architecture: LDMArchitect
     """An AutoencoderKL holding the LDM weights (fp32); every autoencoder key must be used and have its shape."""
     from diffusers import AutoencoderKL
 
-    with torch.device("meta"):  # no random initialisation of weights that are about to be replaced
-        vae = AutoencoderKL(**architecture.diffusers_config())
+    try:
+        with torch.device("meta"):  # no random initialisation of weights that are about to be replaced
+            vae = AutoencoderKL(**architecture.diffusers_config())
+    except (ValueError, TypeError, RuntimeError) as error:  # widths torch or diffusers cannot build
+        raise ConvertError(f"the architecture cannot be built ({one_line(error, limit=120)}): "
+                           f"{architecture.describe()}") from None
     converted, used = {}, set()
     for name, target in vae.state_dict().items():
         source = ldm_key(name, architecture.levels)
@@ -414,6 +449,7 @@ def convert_checkpoint(
         use_ema: convert the EMA weights that LDM's `LitEma` keeps under `model_ema.` (names without dots)
             instead of the raw ones.
     """
+    from .atomic import atomic_directory
     from .model import save_single_file, save_vae
 
     loaded = read_checkpoint(source)
@@ -437,7 +473,9 @@ def convert_checkpoint(
         autoencoder = {k: ema[k.replace(".", "")] for k in autoencoder}
     architecture = read_ddconfig(config) if config else infer_architecture(autoencoder)
     vae = to_diffusers(autoencoder, architecture)
-    folder = save_vae(vae, out_dir)
+    folder = Path(out_dir)
+    with atomic_directory(folder) as tmp:  # never a half-written model folder, never a file replaced by one
+        save_vae(vae, tmp)
     written = save_single_file(vae, single_file) if single_file else None
     return Conversion(architecture, folder, written, len(autoencoder), dict(sorted(ignored.items())),
                       loaded.reader, dict(loaded.skipped_objects), prefix,

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path
 from .errors import ModelLoadError, one_line
+from .files import parse_json, read_json
 from .presets import PRESETS, VAEPreset, get_preset
 from .residual import ResidualAutoencoderKL
 
@@ -115,17 +116,7 @@ def validate_config(config, where: str) -> dict:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{path}: not a text file") from None
-    except OSError as error:
-        raise ModelLoadError(f"{path}: cannot read ({error.strerror or error})") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ModelLoadError(f"{path}: not valid JSON ({'empty file' if not text.strip() else error})") from None
-    return validate_config(config, str(path))
+    return validate_config(read_json(path, ModelLoadError, what="model config", expect=None), str(path))
 
 
 def _check_safetensors(path: Path) -> None:
@@ -200,11 +191,8 @@ def _load_single_file(path: Path) -> AutoencoderKL:
     except (SafetensorError, OSError) as error:
         raise ModelLoadError(f"{path}: not a readable .safetensors file ({one_line(error)})") from None
     if CONFIG_METADATA_KEY in metadata:
-        try:
-            config = json.loads(metadata[CONFIG_METADATA_KEY])
-        except json.JSONDecodeError as error:
-            raise ModelLoadError(f"{path}: the config in its metadata is not valid JSON ({error})") from None
         where = f"{path} (config in its metadata)"
+        config = parse_json(metadata[CONFIG_METADATA_KEY], where, ModelLoadError)
         cls = _class_for(validate_config(config, where), where)
         try:
             vae = cls.from_config(config)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from latent_vae import values
+from latent_vae.files import read_json
 from latent_vae.images import DEFAULT_MAX_PIXELS
 from latent_vae.presets import PRESETS
 
@@ -99,7 +100,8 @@ class TrainConfig:
     report_to: str = "tensorboard"  # an Accelerate tracker name, or "none"
 
     def validate(self) -> None:
-        """Bad values fail at start, not hours into a run."""
+        """Bad values fail at start, not hours into a run (numbers by the command line's parsers: finite, in range)."""
+        values.check_fields(self, NUMBER_RULES)
         if not self.data:
             raise ValueError("no training data: set --data to an image folder or a datasets folder/file")
         if self.reconstruction_loss not in ("l1", "l2"):
@@ -122,6 +124,24 @@ class TrainConfig:
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if self.validation_holdout < 0:
             raise ValueError(f"validation_holdout must be 0 or more, got {self.validation_holdout}")
+
+
+_UNIT = values.Real(0.0, inclusive=True, high=1.0, wanted="a finite number from 0 to 1")
+_FINITE = values.Real(-1e300, inclusive=True, wanted="a finite number")
+# The range of every number of the config (crop_min and min_scale are checked in validate, with their message).
+NUMBER_RULES = {
+    **dict.fromkeys(("batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "keep_checkpoints",
+                     "num_validation_images", "validation_resolution", "calibration_images", "log_every",
+                     "max_nonfinite_steps", "disc_layers", "disc_channels"), values.positive_int),
+    **dict.fromkeys(("num_workers", "validation_holdout", "validate_every", "checkpoint_every", "torch_threads",
+                     "lr_warmup_steps", "disc_start", "max_pixels"), values.non_negative_int),
+    "seed": values.any_int,
+    **dict.fromkeys(("learning_rate", "disc_learning_rate", "adaptive_weight_max", "ema_power"), values.positive_float),
+    **dict.fromkeys(("max_minutes", "weight_decay", "max_grad_norm", "kl_weight", "lpips_weight", "sharpness_weight",
+                     "disc_weight"), values.non_negative_float),
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "ema_decay"), _UNIT),
+    **dict.fromkeys(("logvar_min", "logvar_max"), _FINITE),
+}
 
 
 def _field_types() -> dict[str, type]:
@@ -168,9 +188,12 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             path = CONFIG_DIR / path
         if not path.exists() and (CONFIG_DIR / f"{path}.json").exists():
             path = CONFIG_DIR / f"{path}.json"
-        file_values = json.loads(Path(path).read_text())
+        file_values = read_json(path, what="training config")  # a malformed file: one line naming it
         file_values.pop("_comment", None)
-        config = merge(config, file_values)
+        try:
+            config = merge(config, file_values)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     return merge(config, overrides or {})
 
 

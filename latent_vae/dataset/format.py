@@ -45,6 +45,7 @@ import torch
 from ..atomic import publish_exclusive
 from ..dtypes import resolve_dtype
 from ..errors import short_repr
+from ..files import read_json
 from ..stats import LatentNormalization
 
 FORMAT_NAME = "latent-vae/latents"
@@ -147,12 +148,11 @@ class LatentInfo:
         file = folder / INFO_FILE
         if not file.is_file():
             raise ValueError(f"{folder}: not a latent dataset (no {INFO_FILE}); make one with `latent-vae precompute`")
-        data = json.loads(file.read_text())
+        data = read_json(file, what="latent dataset record")
         if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{file}: format {data.get('format')!r} version {data.get('version')!r}, "
+            raise ValueError(f"{file}: format {short_repr(data.get('format'))} version {short_repr(data.get('version'))}, "
                              f"this package reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return _record(cls, data, file)
 
 
 def create_or_check(out: Path, info: LatentInfo) -> None:
@@ -195,7 +195,28 @@ class Manifest:
 
     @classmethod
     def read(cls, file: Path) -> Manifest:
-        return cls(**json.loads(file.read_text()))
+        return _record(cls, read_json(file, what="shard manifest"), file)
+
+
+def _record(cls, data: dict, file: Path):
+    """A record dataclass from a JSON object; a missing field, or one of the wrong type, is a ValueError naming the
+    file and the field (a damaged or hand-edited record must not pass as a sound one)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and not k.startswith("_")}
+    for name, value in known.items():
+        hint = hints[name]
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(k) or k for k in members)
+        kinds += (int,) if float in kinds else ()  # JSON writes 2.0 as 2.0, but a hand-written 2 is a float too
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            raise ValueError(f"{file}: {name} is {short_repr(value)}, not a {' or '.join(k.__name__ for k in kinds)}")
+    try:
+        return cls(**known)
+    except TypeError as error:  # a field missing
+        raise ValueError(f"{file}: not a complete record ({error})") from None
 
 
 def read_manifests(out: str | os.PathLike, names: list[str] | None = None) -> dict[str, Manifest]:
@@ -213,6 +234,6 @@ def read_failures(path: str | os.PathLike) -> list[dict]:
 def read_summary(path: str | os.PathLike) -> dict | None:
     """The last completed run's counts, or None before a run has completed."""
     file = Path(path) / SUMMARY_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
+    return read_json(file, what="run summary") if file.is_file() else None
 
 
