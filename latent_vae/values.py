@@ -106,9 +106,11 @@ non_negative_float = Real(0.0, inclusive=True)
 timeout = Real(0.0, high=365 * 24 * 3600.0, wanted="a positive finite number of seconds, at most a year")
 
 
-def byte_size(value: Any) -> int:
-    """'4GB', '512MiB', '1.5 GiB' or a number of bytes -> bytes, from MIN_MEMORY (1 MiB) to MAX_MEMORY."""
-    wanted = "a memory size such as 4GB, 512MiB or a number of bytes, at least 1MiB"
+def byte_size(value: Any, minimum: int = MIN_MEMORY) -> int:
+    """'4GB', '512MiB', '1.5 GiB' or a number of bytes -> bytes, from `minimum` (the command line's: 1 MiB) to
+    MAX_MEMORY. NaN, inf, 400 digits and a fraction that rounds below the minimum (0.5 -> 0 bytes) are refused."""
+    floor = "1MiB" if minimum == MIN_MEMORY else f"{minimum} byte" + ("s" if minimum != 1 else "")
+    wanted = f"a memory size such as 4GB, 512MiB or a number of bytes, at least {floor}"
     if isinstance(value, int) and not isinstance(value, bool):
         number = float(value) if value < MAX_MEMORY else math.inf
     else:
@@ -118,8 +120,8 @@ def byte_size(value: Any) -> int:
         number = float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()]
     if not math.isfinite(number) or number > MAX_MEMORY:
         raise BadValue(f"must be {wanted} and at most 1 EiB, got {_shown(value)}")
-    if number < MIN_MEMORY:
-        raise BadValue(f"must be at least 1MiB, got {_shown(value)}: {int(number)} bytes, too little for any "
+    if int(number) < minimum:
+        raise BadValue(f"must be at least {floor}, got {_shown(value)}: {int(number)} bytes, too little for any "
                        "model (a missing unit? 0.5GB)")
     return int(number)
 

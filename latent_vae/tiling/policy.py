@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..values import BadValue, byte_size
 from .executor import last_reads, regions_needed
 from .ops import Conv, Norm, area, full_region
 from .program import Program, program_for
@@ -53,23 +53,16 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def parse_memory(value: str | int | None) -> int | None:
-    """'4GB', '512MiB', '1.5 GiB' or a number of bytes -> bytes; None stays None (the default budget)."""
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
-        if value is not None and value <= 0:
-            raise ValueError(f"max_memory must be positive, got {value}")
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"max_memory must look like 4GB, 512MiB or a number of bytes, got {value!r}")
-    number = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if number <= 0:
-        raise ValueError(f"max_memory must be positive, got {value!r}")
-    return int(number)
+    """'4GB', '512MiB', '1.5 GiB' or a number of bytes -> bytes; None stays None (the default budget). Parsed by
+    `values.byte_size`, the command line's parser, without its 1MiB floor (a caller may plan any budget); NaN,
+    inf, 400 digits or a fraction that rounds to 0 bytes is a ValueError naming max_memory."""
+    if value is None:
+        return None
+    try:
+        return byte_size(value, minimum=1)
+    except BadValue as error:
+        raise ValueError(f"max_memory {error}") from None
 
 
 def default_budget(device: torch.device) -> int:
