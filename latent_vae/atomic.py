@@ -9,6 +9,8 @@ runs on one output folder, on several hosts) never write into each other's tempo
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import os
 import shutil
@@ -117,22 +119,27 @@ def publish_exclusive(path: str | os.PathLike, text: str) -> bool:
 @contextmanager
 def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yields an empty temporary folder beside `path`; when the block ends without an error every file in
-    it is fsynced and the folder renamed to `path` (an existing `path` is replaced when `replace`, else it is
-    an error). On an error the temporary folder is removed and `path` is untouched."""
+    it is fsynced and the folder renamed to `path` (an existing folder `path` is replaced when `replace`, else
+    it is an error; an existing file is never replaced). On an error the temporary folder is removed and `path`
+    is untouched. The temporary and set-aside folders have `unique_tmp_path` names: no folder of the user's
+    beside `path` is ever written or removed, and those of killed writers are cleaned up."""
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed while writing
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(errno.EEXIST, "exists and is not a folder, so it is not replaced by one", str(path))
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        if left_by_dead_process(leftover):  # left by a writer that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp = unique_tmp_path(path)
     tmp.mkdir(parents=True)
     try:
         yield tmp
         fsync_tree(tmp)
         if path.exists():
-            if not replace:
-                raise FileExistsError(f"{path} already exists")
+            if not replace or not path.is_dir():
+                raise FileExistsError(errno.EEXIST, "already exists", str(path))
             # A rename cannot replace a non-empty folder: move the old one aside first, so that
             # `path` is missing for an instant at most and never half-written.
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = unique_tmp_path(path)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 
 from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, NonFiniteError, one_line
 from . import coding, models, precompute
+from .common import OneLineParser, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="latent-vae",
         description="KL-VAE latent compression for diffusion models: images <-> normalised latents "
         "(f16c16: 3x1024x1024 -> 16x64x64).",
@@ -33,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # bad arguments: argparse's usage line and exit 2
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:  # a bad flag or value: one line naming it, before any work or output
+        print(f"{error.prog}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return run_command(args.func, args, "latent-vae")
 
 

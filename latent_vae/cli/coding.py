@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import values
 from ..errors import EXIT_OK, CommandError, ImageError
 from ..images import (
     centre_square,
@@ -22,13 +23,20 @@ from ..latent_files import LatentFile, load_latent_file, save_latent_file
 from .common import (
     add_image_arguments,
     add_model_arguments,
+    by_name,
+    by_suffix,
+    check_output_file,
+    check_output_folder,
     for_each_file,
     max_pixels,
     open_codec,
-    require_positive,
     save_image,
     unique_output,
 )
+
+# What each command writes into its --out folder: a rerun may replace these, nothing else is touched.
+LATENT_OUTPUTS, IMAGE_OUTPUTS = by_suffix(".safetensors"), by_suffix(".png")
+DEMO_OUTPUT = "reconstructions.png"
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -63,9 +71,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("image_a", metavar="A")
     p.add_argument("image_b", metavar="B")
     p.add_argument("--out", default="interpolation.png", help="output PNG (default interpolation.png)")
-    p.add_argument("--steps", type=int, default=8, help="images in the strip, A and B included (default 8)")
+    p.add_argument("--steps", type=values.Integer(2, wanted="an integer of at least 2 (A and B)"), default=8,
+                   help="images in the strip, A and B included (default 8)")
     p.add_argument("--mode", choices=["slerp", "lerp"], default="slerp")
-    p.add_argument("--resolution", type=int, default=256, help="square side in pixels (default 256)")
+    p.add_argument("--resolution", type=values.positive_int, default=256, help="square side in pixels (default 256)")
     add_image_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=run_interpolate)
@@ -74,15 +83,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                             description="Encode and decode real photos that scikit-image ships, write "
                             "OUT/reconstructions.png. With a preset the weights are untrained (noise).")
     p.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
-    p.add_argument("--resolution", type=int, default=256, help="square side in pixels (default 256)")
+    p.add_argument("--resolution", type=values.positive_int, default=256, help="square side in pixels (default 256)")
     add_model_arguments(p, default="f16c16-narrow")
     p.set_defaults(func=run_demo)
 
 
 def run_encode(args: argparse.Namespace) -> int:
     limit = max_pixels(args)
+    out_dir = check_output_folder(args.out, "latent files (.safetensors)", LATENT_OUTPUTS)
     codec = open_codec(args)
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
 
@@ -98,8 +107,8 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    out_dir = check_output_folder(args.out, "PNG images", IMAGE_OUTPUTS)
     codec = open_codec(args)
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
 
@@ -126,8 +135,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from ..metrics import SSIM_WINDOW, psnr, ssim
 
     limit = max_pixels(args)
+    out_dir = check_output_folder(args.out, "PNG images", IMAGE_OUTPUTS)
     codec = open_codec(args)
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     scores: list[tuple[float, float]] = []
@@ -159,15 +168,12 @@ def run_interpolate(args: argparse.Namespace) -> int:
     from ..codec import interpolate_latents
 
     limit = max_pixels(args)
-    require_positive(args, "resolution")
-    if args.steps < 2:
-        raise CommandError(f"--steps must be at least 2 (A and B), got {args.steps}")
+    out = check_output_file(args.out, "PNG image", (".png",))
     codec = open_codec(args)
     first, second = (centre_square(load_image(p, max_pixels=limit), args.resolution) for p in (args.image_a, args.image_b))
     latents = codec.encode([first, second])
     path = interpolate_latents(latents[0], latents[1], args.steps, mode=args.mode)
     frames = codec.decode(path, output_type="pil")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = ["A"] + [f"{i / (args.steps - 1):.2f}" for i in range(1, args.steps - 1)] + ["B"]
     save_image(image_grid([image_strip([first] + [Image.new("RGB", first.size, "white")] * (args.steps - 2) + [second],
@@ -192,9 +198,8 @@ def sample_photos() -> list[Path]:
 def run_demo(args: argparse.Namespace) -> int:
     from ..metrics import psnr
 
-    require_positive(args, "resolution")
+    out_dir = check_output_folder(args.out, DEMO_OUTPUT, by_name(DEMO_OUTPUT))
     codec = open_codec(args)
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in tqdm(sample_photos(), desc="demo", unit="img"):
@@ -208,7 +213,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                 [path.name, f"reconstruction {score:.2f} dB", "error x4"]))
         tqdm.write(f"{path.name}: {args.resolution}x{args.resolution} -> latent {tuple(encoded.latents.shape[1:])} "
                    f"-> PSNR {score:.2f} dB")
-    save_image(image_grid(rows), out_dir / "reconstructions.png")
-    print(f"wrote {out_dir / 'reconstructions.png'} (original | reconstruction | error)")
+    save_image(image_grid(rows), out_dir / DEMO_OUTPUT)
+    print(f"wrote {out_dir / DEMO_OUTPUT} (original | reconstruction | error)")
     return EXIT_OK
 

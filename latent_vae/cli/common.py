@@ -12,8 +12,17 @@ from typing import TYPE_CHECKING
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, NonFiniteError, input_failure
+from .. import values
+from ..atomic import atomic_path, left_by_dead_process
+from ..errors import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    CommandError,
+    ImageError,
+    NonFiniteError,
+    input_failure,
+    printable,
+)
 from ..images import DEFAULT_MAX_PIXELS
 from ..presets import DEFAULT_PRESET, PRESETS
 
@@ -23,6 +32,23 @@ if TYPE_CHECKING:
     from ..codec import LatentCodec
 
 
+class UsageError(Exception):
+    """A bad command line (an unknown flag, a value out of range): `main` prints it as one line and exits 2."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line naming the option (`PROG: error: argument --X: why`), not a
+    usage block, and is raised as UsageError rather than exiting: `main` returns 2, as for any input that stops
+    a command. Subcommand parsers are of this class too (argparse makes them of their parent's class)."""
+
+    def error(self, message: str):
+        raise UsageError(self.prog, f"{printable(message)} (see {self.prog} --help)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -30,18 +56,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = D
         help=f"a preset ({', '.join(PRESETS)}; fresh untrained weights), a diffusers model folder "
         f"(config.json + safetensors, or a pipeline folder with vae/), or a .safetensors file (default: {default})",
     )
-    group.add_argument("--seed", type=int, default=0, help="seed for a preset's fresh weights (default: 0)")
-    group.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
+    group.add_argument("--seed", type=values.any_int, default=0, help="seed for a preset's fresh weights (default: 0)")
+    group.add_argument("--device", type=values.device, default="auto",
+                       help="cpu, cuda, cuda:N, mps or auto; checked to exist (default: auto)")
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision (default: fp32)")
-    group.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
+    group.add_argument("--batch-size", type=values.positive_int, default=4, help="images per forward pass (default: 4)")
     group.add_argument(
-        "--max-memory", default=None,
+        "--max-memory", type=values.byte_size, default=None,
         help="memory budget per forward pass, e.g. 4GB or 512MiB: whole images where they fit, exact tiles (the "
         "same result) where they do not (default: most of the free device memory / available RAM)",
     )
     group.add_argument(
-        "--tile-size", type=int, default=None,
-        help="expert: always code in exact tiles of this many pixels (default: the budget decides)",
+        "--tile-size", type=values.non_negative_int, default=None,
+        help="expert: always code in exact tiles of this many pixels (default or 0: the budget decides)",
     )
 
 
@@ -64,7 +91,7 @@ def open_codec(args: argparse.Namespace) -> LatentCodec:
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        "--max-pixels", type=values.non_negative_int, default=DEFAULT_MAX_PIXELS,
         help="refuse images with more pixels than this, read from the header before decoding (a decompression "
         f"bomb costs nothing); 0: no limit (default: {DEFAULT_MAX_PIXELS:,})",
     )
@@ -96,6 +123,68 @@ def unique_output(out_dir: Path, stem: str, suffix: str, taken: set[str]) -> Pat
         name, n = f"{stem}-{n}", n + 1
     taken.add(name)
     return out_dir / f"{name}{suffix}"
+
+
+# -- outputs: never destroy what is there -------------------------------------------------------------
+
+
+def by_suffix(*suffixes: str) -> Callable[[Path], bool]:
+    """Accepts the files a command writes by their suffix (for `check_output_folder`)."""
+    return lambda entry: entry.is_file() and entry.suffix.lower() in suffixes
+
+
+def by_name(*names: str) -> Callable[[Path], bool]:
+    return lambda entry: entry.name in names
+
+
+def _check_parents(path: Path, option: str) -> None:
+    """Every existing ancestor must be a folder (else creating the output fails after all the work)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CommandError(f"{option} {printable(str(path))}: {printable(str(parent))} is a file, not a folder")
+            return
+
+
+def check_output_folder(path: str | Path, kind: str, accepts: Callable[[Path], bool], *, option: str = "--out",
+                        marker: str | None = None) -> Path:
+    """Refuse, before any work, an output folder that the command would destroy or mix into: a file (or any
+    non-folder) where the folder goes, or a folder holding anything `accepts` does not (what this command itself
+    writes there: a rerun may replace its own outputs). `marker`: a file a non-empty folder of this kind must
+    hold (a model folder's config.json). Hidden files and dead writers' temporary files are ignored."""
+    path = Path(path)
+    shown = printable(str(path))
+    _check_parents(path, option)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{option} {shown}: exists and is not a folder; the output is a folder of {kind}: "
+                           "give a new or empty folder")
+    if path.is_dir():
+        entries = [e for e in path.iterdir() if not e.name.startswith(".") and not left_by_dead_process(e)]
+        other = sorted(e.name for e in entries if not accepts(e))
+        if entries and marker is not None and not (path / marker).is_file():
+            other = other or sorted(e.name for e in entries)
+        if other:
+            names = ", ".join(printable(n) for n in other[:3]) + (", ..." if len(other) > 3 else "")
+            raise CommandError(f"{option} {shown}: a folder that holds other things than {kind} ({names}); give a "
+                               "new or empty folder")
+    return path
+
+
+def check_output_file(path: str | Path, kind: str, suffixes: tuple[str, ...], *, option: str = "--out") -> Path:
+    """Refuse, before any work, an output file path that is a folder, or an existing file of another kind
+    (by suffix) that writing would replace."""
+    path = Path(path)
+    shown = printable(str(path))
+    _check_parents(path, option)
+    if path.is_dir():
+        raise CommandError(f"{option} {shown}: is a folder; the output is one {kind} file")
+    if path.exists() and path.suffix.lower() not in suffixes:
+        raise CommandError(f"{option} {shown}: exists and is not a {kind} ({'/'.join(suffixes)}); writing would "
+                           "replace it: give another name")
+    return path
+
+
+MODEL_FILES = by_suffix(".json", ".safetensors")  # what save_pretrained writes into a diffusers model folder
 
 
 def for_each_file(
@@ -147,7 +236,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, options_class: type
             choices = list(typing.get_args(kind))
             group.add_argument(flag, dest=spec.name, type=type(choices[0]), choices=choices, default=spec.default,
                                help=f"{text} (default: {spec.default})")
-        else:
-            group.add_argument(flag, dest=spec.name, type=kind, default=spec.default, metavar=kind.__name__.upper(),
+        else:  # the field's own parser (values.*) when it has one: ranges are checked as the flag is read
+            group.add_argument(flag, dest=spec.name, type=spec.metadata.get("parse", kind), default=spec.default,
+                               metavar=kind.__name__.upper(),
                                help=f"{text}" + (f" (default: {spec.default})" if spec.default is not None else ""))
 

@@ -10,12 +10,28 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import values
 from ..atomic import atomic_directory, atomic_write_text
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, input_failure
 from ..images import centre_square, load_image, scan_images
 from ..presets import DEFAULT_PRESET, downsampling_factor
 from ..stats import calibrate
-from .common import add_image_arguments, add_model_arguments, max_pixels, open_codec, require_positive
+from .common import (
+    MODEL_FILES,
+    add_image_arguments,
+    add_model_arguments,
+    check_output_file,
+    check_output_folder,
+    max_pixels,
+    open_codec,
+)
+
+MODEL_KIND = "a diffusers model (config.json + .safetensors)"
+
+
+def check_model_output(path: str | Path, option: str = "--out") -> Path:
+    """An output model folder: new, empty, or a diffusers model folder (which the command replaces whole)."""
+    return check_output_folder(path, MODEL_KIND, MODEL_FILES, option=option, marker="config.json")
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -24,8 +40,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                             "channel) that gives unit-variance latents on DATA, and save it into the model config.")
     p.add_argument("--data", required=True, help="folder of images (recursive)")
     p.add_argument("--per-channel", action="store_true", help="per-channel latents_mean/latents_std (SDXL-style)")
-    p.add_argument("--resolution", type=int, default=256, help="centre-crop and resize images to this (default 256)")
-    p.add_argument("--limit", type=int, default=0, help="use at most this many images (default: all)")
+    p.add_argument("--resolution", type=values.positive_int, default=256,
+                   help="centre-crop and resize images to this (default 256)")
+    p.add_argument("--limit", type=values.non_negative_int, default=0, help="use at most this many images (default: all)")
     p.add_argument("--out", help="save the calibrated model here instead of into --model")
     add_image_arguments(p)
     add_model_arguments(p, default=None)
@@ -35,8 +52,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                             description="Describe a preset or model at a resolution (FLOPs counted on the meta "
                             "device: free at any size).")
     p.add_argument("--model", default=DEFAULT_PRESET, help=f"preset, model folder or .safetensors (default {DEFAULT_PRESET})")
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--resolution", type=int, default=1024, help="image side in pixels (default 1024)")
+    p.add_argument("--seed", type=values.any_int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--resolution", type=values.positive_int, default=1024, help="image side in pixels (default 1024)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_info)
 
@@ -54,12 +71,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    if not args.out and not Path(args.model).is_dir():
-        raise CommandError(f"--model {args.model!r} is not a model folder: pass --out DIR to save the calibrated model")
-    require_positive(args, "resolution")
-    if args.limit < 0:
-        raise CommandError(f"--limit must be 0 (all images) or positive, got {args.limit}")
     from ..model import model_folder, save_vae
+
+    if not args.out and (not Path(args.model).is_dir() or model_folder(Path(args.model)) is None):
+        raise CommandError(f"--model {args.model!r} is not a model folder: pass --out DIR to save the calibrated model")
+    if args.out:
+        check_model_output(args.out)
 
     limit = max_pixels(args)
     scan = scan_images(args.data)
@@ -102,7 +119,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from ..model import codec_flops, count_parameters, load_vae
 
-    require_positive(args, "resolution")
     vae = load_vae(args.model, seed=args.seed)
     config = vae.config
     factor = downsampling_factor(config.block_out_channels)
@@ -144,6 +160,9 @@ def run_info(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from ..convert import convert_checkpoint
 
+    check_model_output(args.out)
+    if args.single_file:
+        check_output_file(args.single_file, ".safetensors model", (".safetensors",), option="--single-file")
     result = convert_checkpoint(args.source, args.out, config=args.config, single_file=args.single_file,
                                 prefix=args.prefix, use_ema=args.ema)
     origin = f"from {args.config}" if args.config else "inferred from the weights"
