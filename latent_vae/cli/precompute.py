@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, CommandError
-from .common import add_dataclass_arguments
+from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, CommandError, one_line, printable
+from .common import add_dataclass_arguments, by_name, check_output_folder
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -38,7 +38,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     could not run (one line)."""
     import dataclasses
 
-    from ..dataset.format import FAILURES_FILE, read_failures
+    from ..dataset.format import FAILURES_FILE, LAYOUT, read_failures
     from ..dataset.precompute import PrecomputeOptions, precompute_latents
     from ..dataset.verify import verify_latents
 
@@ -52,20 +52,26 @@ def run_precompute(args: argparse.Namespace) -> int:
         missing = [f"--{name}" for name in ("model", "data", "out") if not getattr(args, name)]
         if missing:
             raise CommandError(f"{', '.join(missing)} required (or --verify DST)")
+        check_output_folder(args.out, "a latent dataset", by_name(*LAYOUT))
         options = PrecomputeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrecomputeOptions)})
         summary = precompute_latents(args.model, args.data, args.out, options)
     except ValueError as error:  # ImageError, ModelLoadError and CommandError are ValueErrors too
-        print(f"latent-vae precompute: error: {error}", file=sys.stderr)
+        print(f"latent-vae precompute: error: {one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return EXIT_OK if summary.failures == 0 else EXIT_SOME_FAILED
     print(summary.line())
+    for problem in summary.problems:  # the closing verification: the dataset is not sound
+        print(f"{args.out}: {printable(problem)}", file=sys.stderr)
+    if summary.problems:
+        print(f"{args.out}: not complete: the verification found {len(summary.problems)} problem(s)", file=sys.stderr)
+        return EXIT_SOME_FAILED
     if summary.failures:
         failures = read_failures(args.out)
         for failure in failures[:20]:
-            print(f"failed: {failure['message']} [{failure['reason']}]", file=sys.stderr)
+            print(f"failed: {printable(failure['message'])} [{failure['reason']}]", file=sys.stderr)
         more = f" ({len(failures) - 20} more)" if len(failures) > 20 else ""
         print(f"{len(failures)} inputs failed{more}; all are listed in {Path(args.out) / FAILURES_FILE}", file=sys.stderr)
         return EXIT_SOME_FAILED

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -19,7 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from .. import values
 from ..atomic import left_by_dead_process, pid_alive, publish_exclusive
+from ..errors import one_line
 from .format import CLAIM_DIR
 
 HOST = socket.gethostname()
@@ -59,7 +62,7 @@ class Claims:
     (their mtime), taken over by a rename once stale: no heartbeat for `timeout` s, or a dead owner on this host."""
 
     def __init__(self, out: Path, owner: Owner, timeout: float) -> None:
-        self.folder, self.owner, self.timeout = out / CLAIM_DIR, owner, timeout
+        self.folder, self.owner, self.timeout = out / CLAIM_DIR, owner, values.timeout(timeout)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.claim"
@@ -136,20 +139,36 @@ class Claims:
             pass
 
 
+class HeartbeatStopped(RuntimeError):
+    """This process's heartbeat thread has stopped: its claims no longer beat, so it must not claim more."""
+
+
 class Heartbeat:
-    """A daemon thread that touches the claim files of the shards this process is working on."""
+    """A daemon thread that touches the claim files of the shards this process is working on. It cannot die
+    silently: an error that stops it is printed and kept, and `check` (called before every claim) raises
+    HeartbeatStopped from then on, so the process stops claiming shards that nothing would keep claimed."""
 
     _per_process: ClassVar[dict[int, Heartbeat]] = {}
 
     def __init__(self, interval: float) -> None:
-        self.interval, self.paths, self._lock = interval, set(), threading.Lock()
-        threading.Thread(target=self._run, name="claim-heartbeat", daemon=True).start()
+        self.interval = values.timeout(interval)  # finite: time.sleep(inf) raises, and a claim would never beat
+        self.paths, self._lock = set(), threading.Lock()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="claim-heartbeat", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise HeartbeatStopped if the thread has stopped (naming why)."""
+        if self.error is not None or not self._thread.is_alive():
+            why = one_line(self.error, with_type=True) if self.error is not None else "the thread is gone"
+            raise HeartbeatStopped(f"the claim heartbeat of process {os.getpid()} stopped ({why}): it claims no more "
+                                   "shards; the shards it held are taken over once stale, and a rerun finishes them")
 
     @classmethod
     def of_this_process(cls, interval: float) -> Heartbeat:
         """One heartbeat thread per process (a DataLoader worker is a process of its own), however many passes."""
         beat = cls._per_process.get(os.getpid())
-        if beat is None or beat.interval != interval:
+        if beat is None or beat.interval != interval or beat.error is not None:  # a stopped one ended its run
             beat = cls._per_process[os.getpid()] = cls(interval)
         return beat
 
@@ -162,12 +181,17 @@ class Heartbeat:
             self.paths.discard(path)
 
     def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            with self._lock:
-                paths = list(self.paths)
-            for path in paths:
-                try:
-                    os.utime(path)
-                except FileNotFoundError:
-                    pass  # taken over: the exclusive commit still decides who writes the shard
+        try:
+            while True:
+                time.sleep(self.interval)
+                with self._lock:
+                    paths = list(self.paths)
+                for path in paths:
+                    try:
+                        os.utime(path)
+                    except FileNotFoundError:
+                        pass  # taken over: the exclusive commit still decides who writes the shard
+        except BaseException as error:  # noqa: BLE001 -- kept for check(), and said at once
+            self.error = error
+            print(f"latent-vae: the claim heartbeat of process {os.getpid()} stopped "
+                  f"({one_line(error, with_type=True)}); this process stops claiming shards", file=sys.stderr)

@@ -23,12 +23,14 @@ import json
 import os
 import tarfile
 import time
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from ..atomic import atomic_write_text
@@ -46,16 +48,18 @@ from .encoding import (
     moment_rows,
     prepare_image,
 )
+from .metadata import BAD_METADATA, MetadataError, MetadataFitter
 from .options import PrecomputeOptions
-from .sources import Source, open_source
-from .verify import count_dataset
+from .sources import Sample, Source, open_source
+from .verify import count_dataset, verify_latents
 from .writer import ShardWriter, clean_staging, commit_shard, output_features, shard_state
 
 # Batches the writer thread may lag behind the encoder (each holds a batch of latents in host memory).
 WRITES_AHEAD = 4
 
-# What reading a damaged input shard raises (a truncated tar or parquet file): the shard's one failure.
-SHARD_READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError, KeyError)
+# What reading a damaged input shard raises (a truncated tar or parquet file, a parquet file whose schema differs
+# from the first one's): the shard's one failure.
+SHARD_READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError, KeyError, zlib.error, pa.ArrowException)
 
 
 class ShardReader(torch.utils.data.IterableDataset):
@@ -69,6 +73,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                  buckets: list[tuple[int, int]] | None, decode_threads: int = 1) -> None:
         self.source, self.order, self.out, self.owner = source, order, out, owner
         self.options, self.buckets, self.decode_threads = options, buckets, decode_threads
+        self.fit_metadata = MetadataFitter(source.passthrough)
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
@@ -78,6 +83,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         start = worker_id * len(self.order) // workers  # workers start apart: fewer collisions on claims
         for index in self.order[start:] + self.order[:start]:
             shard = self.source.shards[index]
+            heartbeat.check()  # a process whose claims no longer beat claims nothing more
             if shard_state(self.out, shard.name) == "complete" or not claims.try_claim(shard.name):
                 continue
             state = shard_state(self.out, shard.name)  # again, now that no one else can be committing it
@@ -110,13 +116,13 @@ class ShardReader(torch.utils.data.IterableDataset):
         samples are read in this thread and decoded in a pool: a shard is not bound to one core (a small folder
         is one virtual shard: one core decoded it all while the GPU waited)."""
         if self.decode_threads <= 1:
-            for sample in shard.samples():
+            for sample in unique_keys(shard.samples()):
                 yield self._item(shard.name, sample)
             return
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
             pending, cut = deque(), None
             try:
-                for sample in shard.samples():
+                for sample in unique_keys(shard.samples()):
                     pending.append(pool.submit(self._item, shard.name, sample))
                     if len(pending) >= 2 * self.decode_threads:  # bounded read-ahead: a few images a thread
                         yield pending.popleft().result()
@@ -131,6 +137,11 @@ class ShardReader(torch.utils.data.IterableDataset):
         if sample.image is None:  # a tar sample without an image member, a null in the image column
             return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name, "reason": "missing",
                     "message": f"{sample.name}: no image"}
+        try:  # before decoding: a sample whose metadata fits no column is one failed input, never the shard's
+            passthrough = self.fit_metadata(sample.passthrough)
+        except MetadataError as error:
+            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name,
+                    "reason": BAD_METADATA, "message": f"{sample.name}: {error}"}
         try:
             image = load_image(sample.image, max_pixels=self.options.max_pixels, name=sample.name)
             prepared = prepare_image(image, self.options, self.buckets)
@@ -141,7 +152,22 @@ class ShardReader(torch.utils.data.IterableDataset):
             return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name,
                     "reason": skip.reason, "message": f"{sample.name}: {skip}"}
         return {"kind": "image", "shard": shard, "prepared": prepared,
-                "metadata": {fmt.KEY: sample.key, **sample.passthrough}}
+                "metadata": {fmt.KEY: sample.key, **passthrough}}
+
+
+def unique_keys(samples):
+    """An input shard's samples with unique keys, by the documented rule: a key seen before in the shard is
+    stored as KEY#2, KEY#3, ... (the first sample keeps KEY). Repeats across shards are found by the
+    verification that ends every run."""
+    seen: set[str] = set()
+    repeats: dict[str, int] = {}
+    for sample in samples:
+        key = sample.key
+        while key in seen:
+            repeats[sample.key] = repeats.get(sample.key, 1) + 1
+            key = f"{sample.key}#{repeats[sample.key]}"
+        seen.add(key)
+        yield sample if key == sample.key else Sample(key, sample.image, sample.name, sample.passthrough)
 
 
 def _passthrough_collate(item: dict) -> dict:
@@ -177,7 +203,8 @@ class PrecomputeSummary:
     seconds: float
     images_per_second: float  # encoded this run / seconds, all ranks together
     world_size: int = 1
-    complete: bool = True
+    complete: bool = True  # every shard committed and the closing verification found no problem
+    problems: list[str] = field(default_factory=list)  # what that verification found (`verify_latents`)
 
     def line(self) -> str:
         """One line for a terminal."""
@@ -303,6 +330,7 @@ class _Run:
     def _take(self, item: dict) -> None:
         kind, name = item["kind"], item["shard"]
         if kind == "start":
+            self.heartbeat.check()
             self.open[name] = _OpenShard(ShardWriter(self.out, name, self.features), item["source"])
             self.heartbeat.add(self.claims.path(name))
         elif kind == "failure":
@@ -419,6 +447,9 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     else:
         per_rank = [mine]
     counts = count_dataset(out)
+    # Every run ends by verifying what the dataset holds (manifests, row counts, every key once; `--verify` also
+    # checks every file's sha256), so that it never calls complete a dataset that `--verify` rejects.
+    problems = verify_latents(out, checksums=False).problems if state.is_main_process else []
     wall = max(r[3] for r in per_rank)
     encoded = sum(r[0] for r in per_rank)
     summary = PrecomputeSummary(
@@ -426,7 +457,7 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         failures=counts.failures, failure_reasons=counts.failure_reasons, encoded_this_run=encoded,
         failed_this_run=sum(r[1] for r in per_rank), shards_this_run=sum(r[2] for r in per_rank), seconds=wall,
         images_per_second=encoded / wall if wall > 0 else 0.0, world_size=state.num_processes,
-        complete=counts.complete)
+        complete=counts.complete and not problems, problems=problems)
     if state.is_main_process:
         failures = fmt.read_failures(out)
         atomic_write_text(out / fmt.FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))

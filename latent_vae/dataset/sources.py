@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import parse_json, reading
 from ..images import IMAGE_SUFFIXES
+from .metadata import uniform_columns
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -111,10 +113,10 @@ class TarShard:
         metadata = members[TAR_JSON].decode("utf-8", "replace") if TAR_JSON in members else None
         caption = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else None
         if caption is None and metadata is not None:
-            try:
+            try:  # a caption that is not text (a number, a dict) is stored as its JSON text (dataset.metadata)
                 parsed = json.loads(metadata)
                 caption = parsed.get("caption", parsed.get("text")) if isinstance(parsed, dict) else None
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deeply: the member is kept as text
                 pass
         return Sample(key, image, f"{self.path}:{key}", {TAR_CAPTION: caption, TAR_JSON: metadata})
 
@@ -256,7 +258,8 @@ def _parquet_source(files: list[Path], image_column, key_column, reserved, where
 
     # The first file's schema stands for all of them: reading every footer up front would cost minutes on a
     # shared file system with 100k shards; a file that differs fails when its shard is read.
-    schema = pq.read_schema(str(files[0]))
+    with reading(files[0], "parquet file"):
+        schema = pq.read_schema(str(files[0]))
     try:
         features = datasets.Features.from_arrow_schema(schema)
     except (TypeError, ValueError, pa.ArrowException) as error:
@@ -296,8 +299,11 @@ def _dataset_source(dataset, image_column, key_column, shard_size: int, reserved
     keys = None
     if key_column is not None:
         keys = [str(k) for k in dataset[key_column]]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"key column {key_column!r} has repeated values: keys must be unique")
+        if len(set(keys)) != len(keys):  # known before the run: refused up front, naming a repeated key
+            seen: set[str] = set()
+            repeated = next(k for k in keys if k in seen or seen.add(k))
+            raise ValueError(f"{where}: key column {key_column!r} has repeated values (e.g. {repeated!r}): keys must "
+                             "be unique; name a column of unique ids with --key-column")
     columns = [c for c in dataset.column_names if c not in (image_column, KEY_COLUMN)]
     _check_clashes(columns, reserved, where)
     if len(dataset) == 0:
@@ -351,10 +357,7 @@ def _folder_rows(folder: Path, caption_column: str) -> dict[str, list]:
         for number, line in enumerate(meta_file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{meta_file}:{number}: not JSON ({error.msg})") from None
+            entry = parse_json(line, f"{meta_file}:{number}")
             if not isinstance(entry, dict) or "file_name" not in entry:
                 raise ValueError(f"{meta_file}:{number}: each line needs a \"file_name\"")
             metadata[(meta_file.parent / entry.pop("file_name")).resolve()] = entry
@@ -372,7 +375,7 @@ def _folder_rows(folder: Path, caption_column: str) -> dict[str, list]:
         caption_file = path.with_suffix(CAPTION_SUFFIX)
         if has_captions and rows[caption_column][-1] is None and caption_file.is_file():
             rows[caption_column][-1] = caption_file.read_text().strip()
-    return rows
+    return uniform_columns(rows)  # a column of mixed types (3 and "cat") becomes JSON text: data, never an error
 
 
 def _only_image_column(candidates: list[str], columns: list[str], where: str) -> str:
