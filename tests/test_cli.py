@@ -73,7 +73,7 @@ def test_decoding_a_latent_from_another_model_or_a_wrong_file_is_refused(tmp_pat
 
 
 def test_a_missing_model_is_one_line_and_exit_2(tmp_path, capsys, image_folder):
-    code, _, err = run(capsys, "encode", image_folder / "img0.png", "--out", tmp_path, "--model", tmp_path / "nope")
+    code, _, err = run(capsys, "encode", image_folder / "img0.png", "--out", tmp_path / "out", "--model", tmp_path / "nope")
     assert code == 2
     assert err.strip().count("\n") == 0 and err.startswith("latent-vae: error:") and "f16c16" in err
 

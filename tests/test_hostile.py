@@ -45,7 +45,9 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def failure_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith(("failed:", "latent-vae: error:"))]
+    """`failed: ...` (one input) and `latent-vae[ COMMAND]: error: ...` (nothing could run) lines."""
+    return [line for line in err.splitlines() if line.startswith(("failed:", "latent-vae: error:"))
+            or line.startswith("latent-vae ") and ": error: " in line]
 
 
 def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
@@ -272,7 +274,7 @@ def test_impossible_numbers_are_one_line_and_exit_2(tmp_path, capsys, photos, ar
     code, _, err = run(capsys, *argv, *out, "--model", TINY)
     assert code == EXIT_BAD_INPUT
     [line] = failure_lines(err)
-    assert line.startswith("latent-vae: error: --") and argv[-2] in line
+    assert line.startswith(f"latent-vae {argv[0]}: error: argument --") and argv[-2] in line
 
 
 def _model_variants(root: Path) -> dict[str, tuple[Path, Path, str]]:
@@ -326,7 +328,7 @@ def test_a_bug_exits_3_with_a_one_line_summary_before_the_traceback(tmp_path, ca
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr("latent_vae.cli.coding.save_latent_file", broken)
-    code = main([str(a) for a in ["encode", photos / "good0.png", "--out", tmp_path, *MODEL]])
+    code = main([str(a) for a in ["encode", photos / "good0.png", "--out", tmp_path / "out", *MODEL]])
     err = capsys.readouterr().err
     assert code == EXIT_INTERNAL_ERROR
     summary = err.index("latent-vae: internal error (ZeroDivisionError: division by zero)")
