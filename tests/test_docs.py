@@ -144,6 +144,7 @@ def _bash_commands() -> list:
     return params
 
 
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")  # runpy re-runs
 @pytest.mark.parametrize(("block", "words"), _bash_commands())
 def test_documented_command_line_parses(block, words, monkeypatch):
     if words[0] == "bash":
