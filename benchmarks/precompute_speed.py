@@ -32,12 +32,9 @@ from PIL import Image
 
 from benchmarks.measure import result_name
 from benchmarks.report import device_label, synchronize, write_results
-from latent_vae import (
-    LatentCodec,
-    build_vae,
-    precompute,  # StageClock patches its loop
-)
+from latent_vae import LatentCodec, build_vae
 from latent_vae.codec import resolve_device
+from latent_vae.dataset import precompute  # StageClock patches its loop
 from latent_vae.dataset.encoding import prepare_image
 from latent_vae.dataset.options import PrecomputeOptions
 from latent_vae.dataset.precompute import precompute_latents
