@@ -18,7 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 @dataclass
 class TrainConfig:
-    """Every knob of a run. Defaults are the LDM kl-f16 recipe where LDM has one (README: the f16c16 recipe)."""
+    """Every knob of a run. Defaults are the LDM kl-f16 recipe where LDM has one (docs/training.md)."""
 
     # -- model and data
     model: str = "f16c16"  # a preset name (fresh weights) or a diffusers folder / .safetensors to fine-tune

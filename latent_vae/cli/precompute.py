@@ -14,7 +14,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("precompute", help="encode a dataset once into a latent dataset (🤗 datasets)",
                             description="Precompute the posterior of every image of tar shards, parquet files, a "
                             "folder or a dataset into parquet shards, one per input shard; killed, the same command "
-                            "resumes; several runs or nodes share the work; see README 'Latent datasets'.")
+                            "resumes; several runs or nodes share the work; see docs/latent-datasets.md.")
     add_precompute_arguments(p)
     p.set_defaults(func=run_precompute)
 
