@@ -2,8 +2,8 @@
 
     python -m benchmarks.train_recipes --steps 80          # a few minutes per recipe on a 2-core CPU
 
-Each recipe trains the narrow f16c16 model with the training program (training/configs/cpu_demo.json,
-same seed, same crops in the same order) on the CBSD68 photos ($LATENT_VAE_PHOTOS/cbsd68) and is scored on
+Each recipe trains the model of training/configs/cpu_demo.json (`--set model=...` for another) with the
+training program (that config, same seed, same crops in the same order) on the CBSD68 photos ($LATENT_VAE_PHOTOS/cbsd68) and is scored on
 Set14 (never seen), centre crops at 256x256: PSNR, SSIM, and sharpness = the Laplacian energy of the
 reconstruction over the original's (1.0: as sharp as the original; below 1: blurred). Such short runs
 rank recipes by how fast they start, not by where they end.
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         print(rows[-1], flush=True)
     write_results(
         "train_recipes", rows, columns=["recipe", "steps", "psnr", "ssim", "sharpness", "train_s"],
-        notes=(f"f16c16-narrow, cpu_demo recipe (crop {config.resolution}, batch {config.batch_size}, lr "
+        notes=(f"{config.model}, cpu_demo recipe (crop {config.resolution}, batch {config.batch_size}, lr "
                f"{config.learning_rate}), {args.steps} steps on CBSD68 ({len(find_images(train_dir))} photos); scored "
                f"on Set14 ({len(eval_images)} photos, centre {EVAL_SIZE}x{EVAL_SIZE}, EMA weights). sharpness = "
                "Laplacian energy of reconstruction / original (1 = as sharp). train_s includes start-up and export, "
