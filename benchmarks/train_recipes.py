@@ -4,8 +4,9 @@
 
 Each recipe trains the model of training/configs/cpu_demo.json (`--set model=...` for another) with the
 training program (that config, same seed, same crops in the same order) on the CBSD68 photos
-($LATENT_VAE_PHOTOS/cbsd68) and is scored on Set14 (never seen), centre crops at 256x256: PSNR, SSIM, and sharpness = the Laplacian energy of the
-reconstruction over the original's (1.0: as sharp as the original; below 1: blurred). Such short runs
+($LATENT_VAE_PHOTOS/cbsd68) and is scored on Set14 (never seen), centre crops at 256x256: PSNR, SSIM, and
+sharpness = the Laplacian energy of the reconstruction over the original's (1.0: as sharp as the original;
+below 1: blurred). Such short runs
 rank recipes by how fast they start, not by where they end.
 """
 
