@@ -6,8 +6,7 @@ Each recipe trains the model of training/configs/cpu_demo.json (`--set model=...
 training program (that config, same seed, same crops in the same order) on the CBSD68 photos
 ($LATENT_VAE_PHOTOS/cbsd68) and is scored on Set14 (never seen), centre crops at 256x256: PSNR, SSIM, and
 sharpness = the Laplacian energy of the reconstruction over the original's (1.0: as sharp as the original;
-below 1: blurred). Such short runs
-rank recipes by how fast they start, not by where they end.
+below 1: blurred). Such short runs rank recipes by how fast they start, not by where they end.
 """
 
 from __future__ import annotations
