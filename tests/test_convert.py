@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from helpers import assert_close
 from safetensors.torch import save_file
 from torch import nn
 
@@ -230,15 +231,18 @@ def assert_matches(model: LDMAutoencoder, vae: AutoencoderKL, size: int = 64) ->
     with torch.no_grad():
         mean, logvar = model.encode(pixels)
         posterior = vae.encode(pixels).latent_dist
-        torch.testing.assert_close(posterior.mean, mean, atol=1e-5, rtol=0)
-        torch.testing.assert_close(posterior.logvar, logvar, atol=1e-5, rtol=0)
+        # Both sides sum in their own order (measured up to 3.5e-6 of the largest value across kernel sets); one
+        # decoder GroupNorm left at its default weight moves the decoded values by 3-4e-2 (relative L2).
+        assert_close(posterior.mean, mean)
+        assert_close(posterior.logvar, logvar)
         z = torch.randn_like(mean)
-        torch.testing.assert_close(vae.decode(z).sample, model.decode(z), atol=1e-5, rtol=0)
+        assert_close(vae.decode(z).sample, model.decode(z))
 
 
 # -- conversion matches the reference ---------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_lightning_ckpt_converts_to_a_diffusers_model_that_matches_ldm(name, tmp_path):
     model = reference(name)
@@ -258,6 +262,7 @@ def test_lightning_ckpt_converts_to_a_diffusers_model_that_matches_ldm(name, tmp
     assert_matches(model, vae)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["kl-f16", "vavae-f16d32"])
 def test_safetensors_and_plain_state_dicts_convert_too_with_a_single_file(name, tmp_path):
     model = reference(name, seed=3)
@@ -270,6 +275,7 @@ def test_safetensors_and_plain_state_dicts_convert_too_with_a_single_file(name, 
         assert_matches(model, load_vae(out.with_suffix(".safetensors")), size=48)  # the single file, odd latent size
 
 
+@pytest.mark.numerics
 def test_ddconfig_yaml_gives_the_architecture(tmp_path):
     spec = ARCHITECTURES["kl-f16"]
     model = reference("kl-f16", seed=5)
@@ -301,6 +307,7 @@ def test_ddconfig_yaml_gives_the_architecture(tmp_path):
         convert_checkpoint(tmp_path / "kl-f16.ckpt", tmp_path / "wrong", config=tmp_path / "wrong.yaml")
 
 
+@pytest.mark.numerics
 def test_whole_ldm_checkpoint_finds_the_first_stage_model(tmp_path):
     model = reference("kl-f8")
     state = {f"first_stage_model.{k}": v for k, v in model.state_dict().items()}
@@ -311,6 +318,7 @@ def test_whole_ldm_checkpoint_finds_the_first_stage_model(tmp_path):
     assert_matches(model, AutoencoderKL.from_pretrained(tmp_path / "vae"), size=32)
 
 
+@pytest.mark.numerics
 def test_ema_weights_convert_when_asked(tmp_path):
     raw, averaged = reference("attn-inner", seed=0), reference("attn-inner", seed=1)
     # LDM's LitEma keeps one buffer per weight, named without dots, plus its own counters.
@@ -352,6 +360,7 @@ def test_the_crafted_payload_would_run_under_plain_pickle(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_a_checkpoint_with_a_code_running_reduce_runs_nothing(zip_format, tmp_path):
     marker = tmp_path / "pwned"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import bf16_tolerance
 from safetensors.torch import load_file
 
 import training.losses as losses_module
@@ -69,6 +70,11 @@ def project_generator_loss(vae, lpips, discriminator, inputs, global_step, *, ma
     return terms["vae_loss"] + gan, terms["vae_loss"], gan
 
 
+def layers(*modules: torch.nn.Module) -> int:
+    """The convolutions and linear layers of the modules: the bf16 roundings in a row along a forward pass."""
+    return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for module in modules for m in module.modules())
+
+
 def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
@@ -92,6 +98,7 @@ def setup():
 CASES = [(0, 1.0, 1e4), (DISC_START, 1.0, 1e4), (DISC_START, 1e-2, 1e4), (DISC_START, 1e-4, 1e4), (DISC_START, 1e-4, 1e9)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("step,logit_gain,max_d_weight", CASES)
 def test_generator_gradient_is_ldms_over_the_pixel_values(setup, precision, step, logit_gain, max_d_weight):
@@ -106,10 +113,16 @@ def test_generator_gradient_is_ldms_over_the_pixel_values(setup, precision, step
         ldm = ldm_generator_loss(vae, lpips, discriminator, inputs, step, max_d_weight=max_d_weight,
                                  logit_gain=logit_gain)
     ours_total, ldm_total = flat_grad(ours[0], params), flat_grad(ldm[0], params)
+    # The relative error each side may carry. fp32: both agree to about 1e-6 (norms and their ratios). bf16: a
+    # gradient through the layers of the VAE, LPIPS and the discriminator, forward and back, carries about
+    # bf16_tolerance(depth) = 5%; measured on AVX2 kernels: 3% in direction (1 - cosine up to 4e-4), norms and their
+    # ratios up to 1.2%. The bugs this test is for are factors: the 3*H*W normalisation, a GAN weight 13x off, 0.5
+    # against 1.
+    error = 1e-4 if precision == "fp32" else bf16_tolerance(2 * layers(vae, lpips, discriminator))
     # The whole gradient points the same way, and is LDM's divided by the pixel values of one image.
-    cosine = torch.nn.functional.cosine_similarity(ours_total, ldm_total, dim=0).item()
-    assert cosine > (0.9999 if precision == "fp32" else 0.999), cosine  # bf16: rounding of a 3*H*W times larger sum
-    assert (ldm_total.norm() / ours_total.norm()).item() == pytest.approx(pixel_values, rel=0.01)
+    cosine = torch.nn.functional.cosine_similarity(ours_total.double(), ldm_total.double(), dim=0).item()
+    assert cosine > 1 - 2 * error**2, cosine  # directions within 2x the error
+    assert (ldm_total.norm() / ours_total.norm()).item() == pytest.approx(pixel_values, rel=error)
     # The GAN term's strength against the reconstruction terms is LDM's within 1% (both 0 before disc_start).
     ldm_ratio = (flat_grad(ldm[2], params).norm() / flat_grad(ldm[1], params).norm()).item()
     if step < DISC_START:
@@ -117,7 +130,7 @@ def test_generator_gradient_is_ldms_over_the_pixel_values(setup, precision, step
     else:
         ours_ratio = (flat_grad(ours[2], params).norm() / flat_grad(ours[1], params).norm()).item()
         assert ldm_ratio > 1e-4  # the GAN term is there to compare
-        assert ours_ratio == pytest.approx(ldm_ratio, rel=0.01)
+        assert ours_ratio == pytest.approx(ldm_ratio, rel=error)
 
 
 # -- fp16 with a gradient scaler, simulated on CPU (fp16 autocast runs on CPU; Accelerate gives no scaler there) --
