@@ -95,17 +95,31 @@ def program_of(words: list[str]) -> tuple[str, str, list[str]] | None:
     if head.startswith("python") and rest[:2] == ["-m", "torch.distributed.run"]:
         head, rest = "torchrun", rest[2:]
     if head in ("torchrun", "accelerate"):
-        # the launcher's own options first, then `-m MODULE ARGS` or `SCRIPT.py ARGS`
-        if "-m" in rest:
-            at = rest.index("-m")
-            return "module", rest[at + 1], rest[at + 2:]
-        at = next(i for i, word in enumerate(rest) if word.endswith(".py"))
-        return "path", rest[at], rest[at + 1:]
+        return launched_program(head, rest)
     if head.startswith("python"):
         if rest[:1] == ["-m"]:
             return "module", rest[1], rest[2:]
         return "path", rest[0], rest[1:]
     return None
+
+
+def launched_program(launcher: str, rest: list[str]) -> tuple[str, str, list[str]]:
+    """The launcher's own options, parsed by its own parser (so a launcher flag that does not exist fails
+    too), and the program it starts: `-m MODULE ARGS` or `SCRIPT.py ARGS`."""
+    if launcher == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        parser = get_args_parser()
+    else:
+        from accelerate.commands.launch import launch_command_parser
+
+        assert rest[:1] == ["launch"], f"accelerate {' '.join(rest)}: only `accelerate launch` is documented"
+        parser, rest = launch_command_parser(), rest[1:]
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as exit:
+        pytest.fail(f"{launcher} {' '.join(rest)}: the launcher refused its options (exit {exit.code})")
+    return ("module" if args.module else "path"), args.training_script, list(args.training_script_args)
 
 
 def parse_only(kind: str, target: str, args: list[str], monkeypatch) -> argparse.Namespace:
@@ -205,6 +219,10 @@ def test_the_checker_finds_a_flag_that_does_not_exist(monkeypatch):
         parse_only("module", "latent_vae", ["info", "--model", "f16c16", "--no-such-flag"], monkeypatch)
     args = parse_only("module", "latent_vae", ["info", "--model", "f16c16-tiny", "--json"], monkeypatch)
     assert args.command == "info" and args.json
+    with pytest.raises(pytest.fail.Exception, match="launcher refused"):
+        program_of(["torchrun", "--no-such-launcher-flag", "-m", "latent_vae", "info"])
+    launched = ["torchrun", "--nproc_per_node", "2", "-m", "latent_vae", "precompute", "--verify", "out/"]
+    assert program_of(launched) == ("module", "latent_vae", ["precompute", "--verify", "out/"])
 
 
 def test_the_readme_is_a_front_door():
@@ -229,7 +247,7 @@ def test_links_between_pages_resolve():
     (`page.md#heading`) a heading of that page."""
     broken = []
     for page in PAGES:
-        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links in code are not links
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.DOTALL | re.MULTILINE)  # code is not links
         for match in LINK.finditer(text):
             target = match["target"]
             if "://" in target:
