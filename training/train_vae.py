@@ -8,6 +8,10 @@ Every field of training/config.py can be given as `--field value` after (and ove
 The run leaves OUTPUT_DIR/vae (a diffusers folder with the EMA weights and calibrated latent
 normalisation), checkpoints, TensorBoard logs under OUTPUT_DIR/logs and validation grids under
 OUTPUT_DIR/samples.
+
+`main(config)` reads top to bottom: setup (accelerator, data, models and optimisers, resume), a loop of
+`training.step.train_step`, then the finish (last checkpoint, validation, export). The helpers above it
+are its parts, in that order.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
 from latent_vae import LatentCodec, calibrate, load_vae, save_vae
@@ -41,16 +47,56 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, to_dict
 from .data import CropDataset, ImageSource, hold_out, train_loader, validation_crops
 from .frozen_encoder import check_frozen_encoder, freeze_encoder
-from .losses import (
-    AutoencoderWithLoss,
-    LossWeights,
-    PatchDiscriminator,
-    generator_objective,
-    hinge_d_loss,
-)
+from .losses import AutoencoderWithLoss, LossWeights, PatchDiscriminator
 from .lpips import LPIPS, LPIPSWeightsMissing
+from .step import StepResult, TrainState, train_step
 
-# -- helpers ----------------------------------------------------------------------------------------
+# -- the run's state around the step ----------------------------------------------------------------
+
+
+@dataclass
+class Counters:
+    """Where the run is and what it skipped: saved in every checkpoint (these names), restored on resume."""
+
+    step: int = 0  # optimiser steps done
+    samples_seen: int = 0  # this rank's position in the data stream
+    nonfinite_skipped: int = 0
+    nonfinite_in_a_row: int = 0
+    images_skipped: int = 0  # unreadable images, this rank
+    overflow_skipped: int = 0  # fp16 steps the scaler skipped
+
+    def count(self, result: StepResult) -> None:
+        if result.nonfinite:
+            self.nonfinite_skipped += 1
+            self.nonfinite_in_a_row += 1
+        else:
+            self.nonfinite_in_a_row = 0
+        if result.overflow:
+            self.overflow_skipped += 1
+
+
+@dataclass
+class Run:
+    """What a run holds besides the step's state: what checkpoints save, logging reads and the finish exports."""
+
+    config: TrainConfig
+    state: TrainState
+    scheduler: LRScheduler
+    ema: EMAModel | None
+    held_out: list[str]  # validation images of --data that are never trained on
+    counters: Counters = field(default_factory=Counters)
+    saved_step: int = -1  # the step of the newest checkpoint this run wrote or resumed from
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.state.accelerator
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+# -- setup ------------------------------------------------------------------------------------------
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -70,6 +116,34 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
+def open_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ImageSource, ImageSource, list[str]]:
+    """(training images, validation images, the names of those held out of --data to validate on)."""
+    source = ImageSource(config.data, config.image_column, config.split, max_pixels=config.max_pixels or None)
+    for line in source.unreadable:
+        accelerator.print(f"skipped folder {line}", file=sys.stderr)
+    held_out: list[str] = []
+    if config.validation_data:
+        val_source = ImageSource(config.validation_data, config.image_column, max_pixels=config.max_pixels or None)
+        for line in val_source.unreadable:
+            accelerator.print(f"skipped folder {line}", file=sys.stderr)
+    elif config.validation_holdout > 0:
+        source, val_source = hold_out(source, config.validation_holdout)  # the run never trains on these
+        held_out = [val_source.describe(i) for i in range(len(val_source))]
+        accelerator.print(f"validation: {len(held_out)} images of {config.data} held out, never trained on: "
+                          f"{', '.join(held_out[:8])}{', ...' if len(held_out) > 8 else ''}")
+    else:
+        val_source = source
+        accelerator.print("validation: the first training images (validation_holdout 0): val PSNR measures fit, "
+                          "not generalisation")
+    return source, val_source, held_out
+
+
+def crop_options(config: TrainConfig) -> dict:
+    """How training crops are drawn: for the training stream and the calibration crops alike."""
+    return {"resolution": config.resolution, "seed": config.seed, "min_scale": config.min_scale,
+            "flip": config.random_flip, "crop_policy": config.crop_policy, "crop_min": config.crop_min}
+
+
 def loss_weights(config: TrainConfig) -> LossWeights:
     return LossWeights(
         reconstruction=config.reconstruction_loss, kl=config.kl_weight, logvar_min=config.logvar_min,
@@ -83,39 +157,144 @@ def uses_gan(config: TrainConfig) -> bool:
     return config.disc_weight > 0
 
 
-def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank: all ranks must skip a step together, or DDP hangs."""
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if accelerator.num_processes > 1:
-        finite = accelerator.gather(finite)
-    return bool(finite.min() > 0)
+def build_models(config: TrainConfig, accelerator: Accelerator) -> tuple[TrainState, LRScheduler, str | None]:
+    """The VAE with its loss, the discriminator when the run has a GAN, their optimisers, all prepared; the VAE's
+    learning-rate schedule; and the encoder's digest before training when it is frozen (checked again at export)."""
+    lpips = None
+    if config.lpips_weight > 0:
+        lpips = LPIPS.from_file(config.lpips_weights or None)  # fails now, with what to do, if weights are missing
+    vae = load_vae(config.model, seed=config.seed).float().train()
+    factor = downsampling_factor(vae.config.block_out_channels)
+    for name in ("resolution", "validation_resolution"):
+        if getattr(config, name) % factor:
+            raise ValueError(f"{name} must be a multiple of the model's downsampling factor {factor}, "
+                             f"got {getattr(config, name)}")
+    if config.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    encoder_before = freeze_encoder(vae) if config.freeze_encoder else None
+    model = AutoencoderWithLoss(vae, loss_weights(config), lpips)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    # Not prepared by Accelerate, which would step it once per process per step; stepped once per optimiser step.
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                              num_training_steps=config.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    disc = disc_optimizer = None
+    if uses_gan(config):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            disc = PatchDiscriminator(config.disc_layers, config.disc_channels)
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=config.disc_learning_rate,
+                                           betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    return TrainState(accelerator, model, optimizer, disc, disc_optimizer), scheduler, encoder_before
 
 
-def optimizer_step(accelerator: Accelerator, optimizer, parameters, max_grad_norm: float) -> torch.Tensor | None:
-    """Unscale (fp16), clip and step one optimiser once gradients are synced; returns the gradient norm.
-
-    With fp16 the scaler steps the inner optimiser and skips it when a gradient is not finite (the norm says so);
-    its `update()` is left to the caller, once per iteration. Accelerate's own `step()` updates the scaler for
-    each optimiser, which would halve its growth interval with two optimisers.
-    """
-    if not accelerator.sync_gradients:
+def make_ema(config: TrainConfig, vae) -> EMAModel | None:
+    if not config.use_ema:
         return None
-    scaler = accelerator.scaler
-    if scaler is None:
-        norm = accelerator.clip_grad_norm_(parameters, max_grad_norm) if max_grad_norm > 0 else None
-        optimizer.step()
-        return norm
-    scaler.unscale_(optimizer.optimizer)
-    # With max_grad_norm 0 the norm is still computed (inf leaves gradients as they are): it tells an overflow.
-    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    scaler.step(optimizer.optimizer)
-    return norm
+    return EMAModel(vae.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup,
+                    power=config.ema_power, min_decay=0.0)
 
 
-def calibration_crops(dataset: CropDataset, count: int) -> list[torch.Tensor]:
-    """`count` random crops from the run's own data stream (epochs repeat the images with new crops)."""
-    size = len(dataset)
-    return [dataset[(i // size, i % size)][0] for i in range(count)]
+def resume(run: Run) -> None:
+    """With --resume: restore the run's weights, optimisers, EMA, schedule, scaler, RNG and counters from the
+    checkpoint it names ("latest": the newest intact one, if the run has one yet)."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    if not config.resume:
+        return
+    checkpoint = find_checkpoint(run.out_dir, config.resume, report=accelerator.print)  # a named one must exist
+    if checkpoint is None:
+        return
+    loaded = load_checkpoint(checkpoint, accelerator.process_index, vae=state.vae, discriminator=state.raw_discriminator,
+                             ema=run.ema, optimizers=state.optimizers)
+    # (checkpoints older than a counter lack it)
+    run.counters = Counters(**{name: loaded.get(name, value) for name, value in asdict(Counters()).items()})
+    run.scheduler.load_state_dict(loaded["scheduler"])
+    if accelerator.scaler is not None and loaded.get("scaler"):
+        accelerator.scaler.load_state_dict(loaded["scaler"])
+    run.saved_step = run.counters.step
+    accelerator.print(f"resumed from {checkpoint} at step {run.counters.step}")
+
+
+def start_outputs(config: TrainConfig, accelerator: Accelerator) -> None:
+    """OUTPUT_DIR/config.json and the trackers."""
+    if accelerator.is_main_process:
+        out_dir = Path(config.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    if config.report_to != "none":
+        accelerator.init_trackers("train_vae", config=to_dict(config))
+
+
+# -- during the run ---------------------------------------------------------------------------------
+
+
+def stop_if_nonfinite_persists(run: Run) -> None:
+    """A NaN/inf loss is a real fault: skipped and counted, fatal after max_nonfinite_steps in a row."""
+    in_a_row = run.counters.nonfinite_in_a_row
+    if in_a_row >= run.config.max_nonfinite_steps:
+        run.accelerator.end_training()
+        raise RuntimeError(
+            f"stopped at step {run.counters.step}: the loss was NaN or inf {in_a_row} times in a row "
+            f"(max_nonfinite_steps). Lower the learning rate, use bf16 rather than fp16, or resume from an earlier "
+            f"checkpoint in {run.out_dir}")
+
+
+@dataclass
+class Throughput:
+    """Images per second over the steps since the last log line."""
+
+    images_per_step: int
+    start: float = field(default_factory=time.monotonic)
+    steps: int = 0
+
+    def rate(self) -> float:
+        """The rate since the last call (or the start), and a new window from now."""
+        rate = self.steps * self.images_per_step / (time.monotonic() - self.start)
+        self.start, self.steps = time.monotonic(), 0
+        return rate
+
+
+def log_progress(run: Run, logs: dict[str, float], throughput: Throughput, progress: tqdm, started: float) -> None:
+    """Log the latest step's values with the learning rate, throughput and counters; show loss and speed on the bar."""
+    accelerator, config, counters = run.accelerator, run.config, run.counters
+    images_skipped = counters.images_skipped
+    if accelerator.num_processes > 1:
+        images_skipped = int(accelerator.reduce(torch.tensor([images_skipped], device=accelerator.device), "sum").item())
+    logs.update({"lr": run.scheduler.get_last_lr()[0], "images_per_s": throughput.rate(),
+                 "nonfinite_skipped": counters.nonfinite_skipped, "images_skipped": images_skipped,
+                 "overflow_skipped": counters.overflow_skipped})
+    accelerator.log(logs, step=counters.step)
+    postfix = {"loss": f"{logs['loss']:.4f}", "img_s": f"{logs['images_per_s']:.1f}"}
+    if config.max_minutes > 0:
+        postfix["min_left"] = f"{max(0.0, config.max_minutes - (time.monotonic() - started) / 60):.1f}"
+    progress.set_postfix(postfix)
+
+
+def save(run: Run) -> None:
+    """A checkpoint of the run at its current step (every rank calls this)."""
+    config, accelerator, state, step = run.config, run.accelerator, run.state, run.counters.step
+    run.saved_step = step
+    trainer_state = {**asdict(run.counters), "seed": config.seed, "world_size": accelerator.num_processes,
+                     "scheduler": run.scheduler.state_dict(),
+                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                     "validation_held_out": run.held_out, "config": to_dict(config)}
+    save_checkpoint(accelerator, run.out_dir, step, vae=state.vae, discriminator=state.raw_discriminator, ema=run.ema,
+                    optimizers=state.optimizers, trainer_state=trainer_state, keep=config.keep_checkpoints)
+
+
+def out_of_time(run: Run, started: float) -> bool:
+    """True, on every rank at the same step, once the main process has used the run's max_minutes."""
+    config, accelerator = run.config, run.accelerator
+    if config.max_minutes <= 0:
+        return False
+    if accelerator.is_main_process and time.monotonic() - started > 60 * config.max_minutes:
+        accelerator.set_trigger()
+    if accelerator.check_trigger():  # every rank sees the main process's decision at the same step
+        accelerator.print(f"time budget of {config.max_minutes} min reached at step {run.counters.step}")
+        return True
+    return False
 
 
 @torch.no_grad()
@@ -143,6 +322,23 @@ def validate(vae, ema: EMAModel | None, crops: torch.Tensor, accelerator: Accele
     return metrics
 
 
+def report_validation(run: Run, crops: torch.Tensor, write=print) -> None:
+    """Validate (main process only), log the metrics and `write` them in one line."""
+    step = run.counters.step
+    metrics = validate(run.state.vae, run.ema, crops, run.accelerator, step, run.out_dir, run.config.batch_size)
+    run.accelerator.log(metrics, step=step)
+    write(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}")
+
+
+# -- the finish -------------------------------------------------------------------------------------
+
+
+def calibration_crops(dataset: CropDataset, count: int) -> list[torch.Tensor]:
+    """`count` random crops from the run's own data stream (epochs repeat the images with new crops)."""
+    size = len(dataset)
+    return [dataset[(i // size, i % size)][0] for i in range(count)]
+
+
 def export_model(vae, ema: EMAModel | None, crops: list[torch.Tensor], out: Path, device, batch_size: int,
                  recalibrate: bool = True) -> Path:
     """A diffusers folder with the EMA weights and the latent normalisation measured on `crops` (with
@@ -158,253 +354,100 @@ def export_model(vae, ema: EMAModel | None, crops: list[torch.Tensor], out: Path
     return out
 
 
-# -- the run ----------------------------------------------------------------------------------------
-
-
-def main(config: TrainConfig) -> Path:
-    """Train as `config` says; returns the exported model folder (OUTPUT_DIR/vae)."""
-    config.validate()
-    if config.torch_threads > 0:
-        torch.set_num_threads(config.torch_threads)
-    out_dir = Path(config.output_dir)
-    accelerator = make_accelerator(config)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    # Per-rank seeds: ranks draw different posterior noise; model init is seeded separately below.
-    set_seed(config.seed + rank)
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    source = ImageSource(config.data, config.image_column, config.split, max_pixels=config.max_pixels or None)
-    for line in source.unreadable:
-        accelerator.print(f"skipped folder {line}", file=sys.stderr)
-    held_out: list[str] = []
-    if config.validation_data:
-        val_source = ImageSource(config.validation_data, config.image_column, max_pixels=config.max_pixels or None)
-        for line in val_source.unreadable:
-            accelerator.print(f"skipped folder {line}", file=sys.stderr)
-    elif config.validation_holdout > 0:
-        source, val_source = hold_out(source, config.validation_holdout)  # the run never trains on these
-        held_out = [val_source.describe(i) for i in range(len(val_source))]
-        accelerator.print(f"validation: {len(held_out)} images of {config.data} held out, never trained on: "
-                          f"{', '.join(held_out[:8])}{', ...' if len(held_out) > 8 else ''}")
-    else:
-        val_source = source
-        accelerator.print("validation: the first training images (validation_holdout 0): val PSNR measures fit, "
-                          "not generalisation")
-    val_crops = validation_crops(val_source, config.num_validation_images, config.validation_resolution,
-                                 config.crop_policy)
-
-    lpips = None
-    if config.lpips_weight > 0:
-        lpips = LPIPS.from_file(config.lpips_weights or None)  # fails now, with what to do, if weights are missing
-    vae = load_vae(config.model, seed=config.seed).float().train()
-    factor = downsampling_factor(vae.config.block_out_channels)
-    for name in ("resolution", "validation_resolution"):
-        if getattr(config, name) % factor:
-            raise ValueError(f"{name} must be a multiple of the model's downsampling factor {factor}, "
-                             f"got {getattr(config, name)}")
-    if config.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
-    encoder_before = freeze_encoder(vae) if config.freeze_encoder else None
-    model = AutoencoderWithLoss(vae, loss_weights(config), lpips)
-    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
-    # Not prepared by Accelerate, which would step it once per process per step; stepped once per optimiser step.
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                              num_training_steps=config.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model: AutoencoderWithLoss = accelerator.unwrap_model(model)
-    vae = raw_model.vae
-    last_layer = vae.decoder.conv_out.weight  # where LDM's adaptive weight compares gradient norms
-
-    disc = disc_optimizer = raw_disc = None
-    if uses_gan(config):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed + 1)
-            disc = PatchDiscriminator(config.disc_layers, config.disc_channels)
-        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=config.disc_learning_rate,
-                                           betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
-        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
-        raw_disc = accelerator.unwrap_model(disc)
-
-    ema = None
-    if config.use_ema:
-        ema = EMAModel(vae.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup,
-                       power=config.ema_power, min_decay=0.0)
-
-    optimizers = {"optimizer": optimizer, **({"disc_optimizer": disc_optimizer} if disc_optimizer else {})}
-    state = {"step": 0, "samples_seen": 0, "nonfinite_skipped": 0, "nonfinite_in_a_row": 0, "images_skipped": 0,
-             "overflow_skipped": 0}
-    checkpoint = find_checkpoint(out_dir, config.resume, report=accelerator.print) if config.resume else None
-    if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint, rank, vae=vae, discriminator=raw_disc, ema=ema, optimizers=optimizers)
-        state.update({k: loaded.get(k, v) for k, v in state.items()})  # (checkpoints older than a counter lack it)
-        scheduler.load_state_dict(loaded["scheduler"])
-        if accelerator.scaler is not None and loaded.get("scaler"):
-            accelerator.scaler.load_state_dict(loaded["scaler"])
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-    elif config.resume and config.resume != "latest":
-        raise FileNotFoundError(f"no checkpoint at {config.resume}")
-
+def finish(run: Run, source: ImageSource, val_crops: torch.Tensor, encoder_before: str | None) -> Path:
+    """The last checkpoint, a last validation, and the exported model (OUTPUT_DIR/vae); returns its folder."""
+    config, accelerator, counters = run.config, run.accelerator, run.counters
+    if run.saved_step != counters.step:  # (a run resumed at its last step has nothing new to save)
+        save(run)
+    out = run.out_dir / "vae"
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    if config.report_to != "none":
-        accelerator.init_trackers("train_vae", config=to_dict(config))
-
-    dataset_kwargs = {"resolution": config.resolution, "seed": config.seed, "min_scale": config.min_scale,
-                      "flip": config.random_flip, "crop_policy": config.crop_policy, "crop_min": config.crop_min}
-    loader = train_loader(source, batch_size=config.batch_size, rank=rank, world_size=world,
-                          start=state["samples_seen"], num_workers=config.num_workers, **dataset_kwargs)
-    batches = iter(loader)
-    images_per_step = config.batch_size * config.gradient_accumulation_steps * world
-    # Under a time budget the step count at the end is unknown: count steps and show the minutes left instead
-    # of a bar towards max_steps that would never fill.
-    progress = tqdm(total=None if config.max_minutes > 0 else config.max_steps, initial=state["step"],
-                    disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
-
-    saved = {"step": state["step"] if checkpoint is not None else -1}
-
-    def save(step: int) -> None:
-        saved["step"] = step
-        trainer_state = {**state, "seed": config.seed, "world_size": world, "scheduler": scheduler.state_dict(),
-                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                         "validation_held_out": held_out, "config": to_dict(config)}
-        save_checkpoint(accelerator, out_dir, step, vae=vae, discriminator=raw_disc, ema=ema, optimizers=optimizers,
-                        trainer_state=trainer_state, keep=config.keep_checkpoints)
-
-    started = time.monotonic()
-    window_start, window_steps = time.monotonic(), 0
-    logs: dict[str, float] = {}
-    while state["step"] < config.max_steps:
-        pixels, skipped = next(batches)
-        pixels = pixels.to(accelerator.device)
-        state["samples_seen"] += pixels.shape[0]
-        state["images_skipped"] += skipped
-        gan_on = disc is not None and state["step"] >= config.disc_start
-        scaler = accelerator.scaler  # fp16 only
-        with accelerator.accumulate(*(m for m in (model, disc) if m is not None)):
-            with accelerator.autocast():
-                out = model(pixels)
-                fake_logits = None
-                if gan_on:
-                    raw_disc.requires_grad_(False)  # the generator's step leaves no gradient in the discriminator
-                    fake_logits = raw_disc(out["reconstruction"])
-                terms = generator_objective(out, config.kl_weight, fake_logits=fake_logits, last_layer=last_layer,
-                                            disc_weight=config.disc_weight, max_weight=config.adaptive_weight_max,
-                                            grad_scale=scaler.get_scale() if scaler is not None else 1.0)
-            loss = terms["vae_loss"]
-            # A NaN/inf loss is a real fault (counted, fatal when it persists). A non-finite adaptive weight is an
-            # overflow of its fp16 gradients: it makes the gradients NaN below, so that the scaler skips the step and
-            # backs off, as for any overflow. Without a scaler nothing would back off: skip it as a non-finite step.
-            stepped = all_finite(accelerator, loss)
-            if gan_on:
-                if scaler is None:
-                    stepped = stepped and all_finite(accelerator, terms["d_weight"])
-                loss = loss + terms["gan_loss"]
-            if not stepped:
-                state["nonfinite_skipped"] += 1
-                state["nonfinite_in_a_row"] += 1
-                optimizer.zero_grad(set_to_none=True)
-                if state["nonfinite_in_a_row"] >= config.max_nonfinite_steps:
-                    accelerator.end_training()
-                    raise RuntimeError(
-                        f"stopped at step {state['step']}: the loss was NaN or inf {state['nonfinite_in_a_row']} "
-                        f"times in a row (max_nonfinite_steps). Lower the learning rate, use bf16 rather than fp16, "
-                        f"or resume from an earlier checkpoint in {out_dir}")
-            else:
-                state["nonfinite_in_a_row"] = 0
-                accelerator.backward(loss)
-                grad_norm = optimizer_step(accelerator, optimizer, model.parameters(), config.max_grad_norm)
-                optimizer.zero_grad(set_to_none=True)
-                if gan_on:
-                    raw_disc.requires_grad_(True)
-                    with accelerator.autocast():
-                        # One forward for real and fake: GroupNorm is per image, so this equals two calls.
-                        logits = disc(torch.cat([pixels, out["reconstruction"].detach()]))
-                        d_loss = hinge_d_loss(*logits.chunk(2))
-                    accelerator.backward(d_loss)
-                    optimizer_step(accelerator, disc_optimizer, disc.parameters(), config.max_grad_norm)
-                    disc_optimizer.zero_grad(set_to_none=True)
-                    logs.update({"d_loss": d_loss.item(), "g_loss": terms["g_loss"].item(),
-                                 "d_weight": terms["d_weight"].item()})
-                if accelerator.sync_gradients and scaler is not None:
-                    if not torch.isfinite(grad_norm):  # the scaler skipped the generator's step
-                        state["overflow_skipped"] += 1
-                        stepped = False
-                    scaler.update()  # once per iteration, after both optimisers: one growth interval per step
-                    logs["loss_scale"] = scaler.get_scale()
-                if grad_norm is not None:
-                    logs["grad_norm"] = grad_norm.item()
-        if not accelerator.sync_gradients:
-            continue
-
-        # -- one optimiser step done
-        state["step"] += 1
-        step = state["step"]
-        if stepped:  # the schedule counts updates; a skipped step leaves the learning rate where it was
-            scheduler.step()
-        if ema is not None:
-            ema.step(vae.parameters())
-        window_steps += 1
-        logs.update({"loss": loss.item(), "pixel_loss": out["pixel_loss"].item(), "kl": out["kl"].item()})
-        for key in ("lpips", "sharpness"):
-            if key in out:
-                logs[key] = out[key].item()
-        if step % config.log_every == 0 or step == config.max_steps:
-            elapsed = time.monotonic() - window_start
-            counts = torch.tensor([state["images_skipped"]], device=accelerator.device)
-            images_skipped = int(accelerator.reduce(counts, "sum").item()) if world > 1 else state["images_skipped"]
-            logs.update({"lr": scheduler.get_last_lr()[0], "images_per_s": window_steps * images_per_step / elapsed,
-                         "nonfinite_skipped": state["nonfinite_skipped"], "images_skipped": images_skipped,
-                         "overflow_skipped": state["overflow_skipped"]})
-            accelerator.log(logs, step=step)
-            postfix = {"loss": f"{logs['loss']:.4f}", "img_s": f"{logs['images_per_s']:.1f}"}
-            if config.max_minutes > 0:
-                postfix["min_left"] = f"{max(0.0, config.max_minutes - (time.monotonic() - started) / 60):.1f}"
-            progress.set_postfix(postfix)
-            window_start, window_steps = time.monotonic(), 0
-        progress.update(1)
-
-        if config.validate_every and step % config.validate_every == 0 and step < config.max_steps:
-            if accelerator.is_main_process:
-                metrics = validate(vae, ema, val_crops, accelerator, step, out_dir, config.batch_size)
-                accelerator.log(metrics, step=step)
-                progress.write(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}")
-            accelerator.wait_for_everyone()
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
-            save(step)
-        if config.max_minutes > 0:
-            if accelerator.is_main_process and time.monotonic() - started > 60 * config.max_minutes:
-                accelerator.set_trigger()
-            if accelerator.check_trigger():  # every rank sees the main process's decision at the same step
-                accelerator.print(f"time budget of {config.max_minutes} min reached at step {step}")
-                break
-    progress.close()
-    del batches  # stops the DataLoader workers
-
-    step = state["step"]
-    if saved["step"] != step:  # (a run resumed at its last step has nothing new to save)
-        save(step)
-    out = out_dir / "vae"
-    if accelerator.is_main_process:
-        metrics = validate(vae, ema, val_crops, accelerator, step, out_dir, config.batch_size)
-        accelerator.log(metrics, step=step)
-        print(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}")
-        crops = calibration_crops(CropDataset(source, **dataset_kwargs), config.calibration_images)
-        export_model(vae, ema, crops, out, accelerator.device, config.batch_size, recalibrate=not config.freeze_encoder)
+        report_validation(run, val_crops)
+        crops = calibration_crops(CropDataset(source, **crop_options(config)), config.calibration_images)
+        export_model(run.state.vae, run.ema, crops, out, accelerator.device, config.batch_size,
+                     recalibrate=not config.freeze_encoder)
         if encoder_before is not None:
-            record = check_frozen_encoder(config.model, out, encoder_before, out_dir)
+            record = check_frozen_encoder(config.model, out, encoder_before, run.out_dir)
             print(f"encoder unchanged (sha256 {record['encoder_sha256_after'][:16]}), normalisation kept: latents made "
                   f"by {config.model} (fingerprint {record['source_fingerprint']}) decode with this decoder")
-        if state["images_skipped"]:
-            print(f"skipped {state['images_skipped']} unreadable image reads on the main process")
+        if counters.images_skipped:
+            print(f"skipped {counters.images_skipped} unreadable image reads on the main process")
         normalization = "the source's normalisation" if config.freeze_encoder else "calibrated normalisation"
         print(f"saved {out} (EMA weights, {normalization})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def main(config: TrainConfig) -> Path:
+    """Train as `config` says; returns the exported model folder (OUTPUT_DIR/vae)."""
+    # -- setup: accelerator and seeds, data, models and optimisers, resume
+    config.validate()
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    accelerator = make_accelerator(config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # Per-rank seeds: ranks draw different posterior noise; model init is seeded separately.
+    set_seed(config.seed + rank)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    source, val_source, held_out = open_data(config, accelerator)
+    val_crops = validation_crops(val_source, config.num_validation_images, config.validation_resolution,
+                                 config.crop_policy)
+    state, scheduler, encoder_before = build_models(config, accelerator)
+    run = Run(config, state, scheduler, make_ema(config, state.vae), held_out)
+    resume(run)
+    start_outputs(config, accelerator)
+    counters = run.counters
+    batches = iter(train_loader(source, batch_size=config.batch_size, rank=rank, world_size=world,
+                                start=counters.samples_seen, num_workers=config.num_workers, **crop_options(config)))
+
+    # -- train: one train_step per batch; per optimiser step, the schedule, EMA, logs, validation, checkpoints
+    # Under a time budget the step count at the end is unknown: count steps and show the minutes left instead
+    # of a bar towards max_steps that would never fill.
+    progress = tqdm(total=None if config.max_minutes > 0 else config.max_steps, initial=counters.step,
+                    disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
+    started = time.monotonic()
+    throughput = Throughput(config.batch_size * config.gradient_accumulation_steps * world)
+    logs: dict[str, float] = {}  # the latest value of each, logged every log_every steps
+    while counters.step < config.max_steps:
+        pixels, skipped = next(batches)
+        pixels = pixels.to(accelerator.device)
+        counters.samples_seen += pixels.shape[0]
+        counters.images_skipped += skipped
+        result = train_step(state, pixels, counters.step, config)
+        counters.count(result)
+        stop_if_nonfinite_persists(run)
+        logs.update(result.logs())
+        if not accelerator.sync_gradients:
+            continue  # a micro-batch of gradient accumulation: no optimiser step yet
+
+        counters.step += 1
+        step = counters.step
+        if result.stepped:  # the schedule counts updates; a skipped step leaves the learning rate where it was
+            run.scheduler.step()
+        if run.ema is not None:
+            run.ema.step(state.vae.parameters())
+        throughput.steps += 1
+        if step % config.log_every == 0 or step == config.max_steps:
+            log_progress(run, logs, throughput, progress, started)
+        progress.update(1)
+        if config.validate_every and step % config.validate_every == 0 and step < config.max_steps:
+            if accelerator.is_main_process:
+                report_validation(run, val_crops, write=progress.write)
+            accelerator.wait_for_everyone()
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
+            save(run)
+        if out_of_time(run, started):
+            break
+    progress.close()
+    del batches  # stops the DataLoader workers
+
+    # -- finish: the last checkpoint and validation, the exported model
+    return finish(run, source, val_crops, encoder_before)
 
 
 def run(argv: list[str] | None = None) -> None:
