@@ -23,8 +23,8 @@ processor, ...), is refused by name: the transform never rescales on a guess.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from diffusers import AutoencoderKL
@@ -106,7 +106,8 @@ class StageGraph:
     def __init__(self) -> None:
         self._parent: list[int] = []
         self._stages: list[Stage] = []
-        self.linears: list[tuple[str, nn.Module, int | None, int]] = []  # (name, layer, reads, writes); None: a norm's output
+        # (name, layer, stage read, stage written); a read of None: the layer reads a normalised tensor
+        self.linears: list[tuple[str, nn.Module, int | None, int]] = []
         self.norms: list[tuple[str, nn.GroupNorm, int]] = []  # (name, norm, reads)
         self.watches: list[tuple[str, nn.Module, int, str]] = []  # (name, module, stage, "output" or "input")
         self.covered: set[int] = set()  # id() of every module the walk accounted for

@@ -228,6 +228,17 @@ def test_exact_tiling_in_fp16_equals_whole_within_fp16_rounding(name):
     assert finite(tiled_latents)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tiled_groupnorm_statistics_of_a_half_tensor_are_those_of_its_fp32_values(dtype):
+    """Whole-image GroupNorm keeps its statistics in fp32; the tiles' must too (the kernel rounds them to the
+    input's dtype), or tiled fp16/bf16 carries a rounding that whole-image coding does not."""
+    from latent_vae.tiling.ops import tile_stats
+
+    x = (torch.randn(2, 12, 9, 7, generator=torch.Generator().manual_seed(0)) * 300).to(dtype)
+    for ours, theirs in zip(tile_stats(x, 4), tile_stats(x.float(), 4)):
+        assert torch.equal(torch.as_tensor(ours), torch.as_tensor(theirs))
+
+
 # -- what it refuses, and what it leaves alone ----------------------------------------------------------------
 
 
@@ -300,3 +311,119 @@ def test_bad_arguments_are_refused():
         stage_graph(vae).rescale({"decoder.conv_in": 3.0})
     with pytest.raises(ValueError, match="fixed"):
         stage_graph(vae).rescale({"decoder.conv_out": 2.0})
+
+
+# -- the command, and the rest of the project with a fixed model ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """An overflowing f16c16 source folder (with a normalisation), calibration images, and its fixed folder
+    written by the command."""
+    from latent_vae import cli, save_vae
+    from latent_vae.images import tensor_to_pil
+
+    root = tmp_path_factory.mktemp("fp16")
+    torch.manual_seed(0)
+    _, source = overflowing_pair(build_vae("f16c16-tiny", seed=None))
+    write_normalization(source, LatentNormalization(scaling_factor=0.5, shift_factor=0.25))
+    save_vae(source, root / "source")
+    (root / "images").mkdir()
+    for i, image in enumerate(tensor_to_pil(smooth(3, 80, 64, seed=4))):
+        image.save(root / "images" / f"{i}.png")
+    code = cli.main(["fp16-fix", "--model", str(root / "source"), "--data", str(root / "images"),
+                     "--out", str(root / "fixed"), "--resolution", "32", "--device", "cpu"])
+    assert code == 0
+    return SimpleNamespace(root=root, source=root / "source", images=root / "images", fixed=root / "fixed")
+
+
+def fp16_fix(capsys, *argv) -> tuple[int, str, str]:
+    from latent_vae import cli
+
+    code = cli.main(["fp16-fix", "--resolution", "32", "--device", "cpu", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_command_prints_the_table_and_writes_a_folder_that_fp16_decodes(saved, tmp_path, capsys):
+    code, out, err = fp16_fix(capsys, "--model", saved.source, "--data", saved.images, "--out", tmp_path / "fixed")
+    assert code == 0, err
+    assert "peak before" in out and "(overflows)" in out and "65504" in out and "decoder.conv_in" in out
+    report = (tmp_path / "fixed" / REPORT_FILE).read_text()
+    assert '"headroom": 32.0' in report
+    latents = LatentCodec.from_pretrained(saved.source).encode(smooth(1, 128, 96, seed=5))
+    decoded = LatentCodec.from_pretrained(tmp_path / "fixed", dtype="fp16").decode(latents)
+    assert finite(decoded)
+
+
+def test_the_command_refuses_before_any_work(saved, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("keep me")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me too")
+    for out, why in [(tmp_path / "a-file", "not a folder"), (tmp_path / "other", "other things"),
+                     (saved.source, "is the --model folder")]:
+        code, _, err = fp16_fix(capsys, "--model", saved.source, "--data", saved.images, "--out", out)
+        assert code == 2 and why in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "a-file").read_text() == "keep me" and (tmp_path / "other" / "notes.txt").is_file()
+    code, _, err = fp16_fix(capsys, "--model", saved.source, "--data", saved.images, "--out", tmp_path / "new",
+                            "--headroom", "3")
+    assert code == 2 and "--headroom" in err and not (tmp_path / "new").exists()
+
+
+def test_an_unreadable_image_is_named_and_the_others_calibrate(saved, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in saved.images.iterdir():
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "broken.png").write_bytes(b"not a png")
+    code, _, err = fp16_fix(capsys, "--model", saved.source, "--data", images, "--out", tmp_path / "fixed")
+    assert code == 1 and "broken.png" in err
+    assert load_vae(tmp_path / "fixed").config[GROUPNORM_EPS_KEY]
+
+
+def test_latent_files_made_by_the_source_decode_with_the_fixed_model(saved, tmp_path, capsys):
+    from latent_vae import cli
+
+    images = sorted(map(str, saved.images.iterdir()))
+    assert cli.main(["encode", *images, "--out", str(tmp_path / "latents"), "--model", str(saved.source)]) == 0
+    latents = sorted(map(str, (tmp_path / "latents").iterdir()))
+    assert cli.main(["decode", *latents, "--out", str(tmp_path / "png"), "--model", str(saved.fixed),
+                     "--dtype", "fp16"]) == 0
+    assert len(list((tmp_path / "png").iterdir())) == len(images)
+    # another model's latents are still refused
+    assert cli.main(["decode", *latents, "--out", str(tmp_path / "other"), "--model", "f16c16-tiny"]) == 1
+    capsys.readouterr()
+
+
+def test_latent_datasets_and_precompute_in_fp16_with_the_fixed_model(saved, tmp_path):
+    from latent_vae import save_vae
+    from latent_vae.dataset.precompute import precompute_latents
+    from latent_vae.dataset.readers import load_latents
+    from latent_vae.errors import NonFiniteError
+
+    fast = {"resolution": 32, "num_workers": 0, "batch_size": 2, "progress": False}
+    precompute_latents(str(saved.source), saved.images, tmp_path / "by-source", dtype="fp32", **fast)
+    assert len(load_latents(tmp_path / "by-source", model=str(saved.fixed), sample=False)) == 3  # same function
+    summary = precompute_latents(str(saved.fixed), saved.images, tmp_path / "fp16", dtype="fp32",
+                                 encode_dtype="fp16", **fast)
+    assert summary.complete and summary.rows == 3
+    in_fp16 = torch.stack([row["latents"] for row in load_latents(tmp_path / "fp16", sample=False)])
+    in_fp32 = torch.stack([row["latents"] for row in load_latents(tmp_path / "by-source", sample=False)])
+    assert finite(in_fp16) and relative(in_fp16, in_fp32) < 0.05  # fp16's rounding, not another function
+    with pytest.raises(NonFiniteError, match="latent-vae fp16-fix"):
+        precompute_latents(str(saved.source), saved.images, tmp_path / "overflows", dtype="fp32",
+                           encode_dtype="fp16", **fast)
+    # the lineage holds while the model is the one recorded: changed weights end it
+    changed = load_vae(saved.fixed)
+    with torch.no_grad():
+        changed.decoder.conv_out.bias.add_(0.01)
+    save_vae(changed, tmp_path / "changed")
+    with pytest.raises(ValueError, match="latents were made by model"):
+        load_latents(tmp_path / "by-source", model=str(tmp_path / "changed"))
+
+
+def test_the_codecs_fp16_error_names_the_command_that_fixes_it(saved):
+    from latent_vae.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=f"latent-vae fp16-fix --model {saved.source}"):
+        LatentCodec.from_pretrained(saved.source, dtype="fp16").encode(smooth(1, 32, 32))
