@@ -31,6 +31,10 @@ decoded values up to about 3): a 6x margin. It is about 300 fp32 roundings of th
 of sqrt(depth x reduction length) roundings for 30 layers of 3x3 convolutions over 512 channels. A real bug (a
 weight mapped wrongly, a missing term, per-tile statistics) moves results by 1e-3 to 1e-1 of their range."""
 
+FP32_OP = 64 * FP32_UNIT
+"""The same for a short chain of elementwise or averaging operations (a normalisation and its inverse, a mean,
+a resize): 64 roundings of the largest value, about 4e-6 of it."""
+
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     """uint8 HxWx3 with smooth gradients and blobs: more like a photo than white noise."""
