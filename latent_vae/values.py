@@ -46,7 +46,7 @@ class Integer:
     def __call__(self, value: Any) -> int:
         number = None
         whole_float = isinstance(value, float) and math.isfinite(value) and value.is_integer()
-        digits = isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value)
+        digits = isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,30}\s*", value)  # ASCII: no "٣"
         if isinstance(value, int) and not isinstance(value, bool) or whole_float or digits:
             number = int(value)
         if number is None or not self.low <= number <= self.high:
@@ -76,7 +76,7 @@ class Real:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value) if abs(value) < 1e308 else math.inf
-        elif isinstance(value, str) and len(value) <= 64:
+        elif isinstance(value, str) and len(value) <= 64 and value.isascii():
             try:
                 number = float(value)
             except ValueError:
@@ -98,7 +98,9 @@ class Real:
 
 positive_int = Integer(1)
 non_negative_int = Integer(0)  # 0 often means "no limit" or "all"
-any_int = Integer(-MAX_COUNT, MAX_COUNT, "an integer")  # a seed
+any_int = Integer(-(2**63), 2**64 - 1, "a 64-bit integer")  # a seed: what torch.manual_seed takes
+# An image side (--resolution): a 32768 x 32768 image is a gigapixel, beyond which a number is a typo.
+image_side = Integer(1, 1 << 15, "a side in pixels from 1 to 32768")
 positive_float = Real(0.0)
 factor = Real(1.0, inclusive=True)  # an upscaling or aspect limit: 1 means none
 non_negative_float = Real(0.0, inclusive=True)
@@ -114,7 +116,7 @@ def byte_size(value: Any, minimum: int = MIN_MEMORY) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         number = float(value) if value < MAX_MEMORY else math.inf
     else:
-        match = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{0,30})?|\.\d{1,30})\s*([a-zA-Z]{0,3})\s*", str(value))
+        match = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})\s*([a-zA-Z]{0,3})\s*", str(value))
         if not match or match.group(2).lower() not in MEMORY_UNITS:
             raise BadValue(f"must be {wanted}, got {_shown(value)}")
         number = float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()]

@@ -130,9 +130,10 @@ _UNIT = values.Real(0.0, inclusive=True, high=1.0, wanted="a finite number from 
 _FINITE = values.Real(-1e300, inclusive=True, wanted="a finite number")
 # The range of every number of the config (crop_min and min_scale are checked in validate, with their message).
 NUMBER_RULES = {
-    **dict.fromkeys(("batch_size", "gradient_accumulation_steps", "max_steps", "resolution", "keep_checkpoints",
-                     "num_validation_images", "validation_resolution", "calibration_images", "log_every",
-                     "max_nonfinite_steps", "disc_layers", "disc_channels"), values.positive_int),
+    **dict.fromkeys(("batch_size", "gradient_accumulation_steps", "max_steps", "keep_checkpoints",
+                     "num_validation_images", "calibration_images", "log_every", "max_nonfinite_steps", "disc_layers",
+                     "disc_channels"), values.positive_int),
+    **dict.fromkeys(("resolution", "validation_resolution"), values.image_side),
     **dict.fromkeys(("num_workers", "validation_holdout", "validate_every", "checkpoint_every", "torch_threads",
                      "lr_warmup_steps", "disc_start", "max_pixels"), values.non_negative_int),
     "seed": values.any_int,

@@ -71,10 +71,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("image_a", metavar="A")
     p.add_argument("image_b", metavar="B")
     p.add_argument("--out", default="interpolation.png", help="output PNG (default interpolation.png)")
-    p.add_argument("--steps", type=values.Integer(2, wanted="an integer of at least 2 (A and B)"), default=8,
+    p.add_argument("--steps", type=values.Integer(2, 1024, "an integer from 2 (A and B) to 1024"), default=8,
                    help="images in the strip, A and B included (default 8)")
     p.add_argument("--mode", choices=["slerp", "lerp"], default="slerp")
-    p.add_argument("--resolution", type=values.positive_int, default=256, help="square side in pixels (default 256)")
+    p.add_argument("--resolution", type=values.image_side, default=256, help="square side in pixels (default 256)")
     add_image_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=run_interpolate)
@@ -83,7 +83,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                             description="Encode and decode real photos that scikit-image ships, write "
                             "OUT/reconstructions.png. With a preset the weights are untrained (noise).")
     p.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
-    p.add_argument("--resolution", type=values.positive_int, default=256, help="square side in pixels (default 256)")
+    p.add_argument("--resolution", type=values.image_side, default=256, help="square side in pixels (default 256)")
     add_model_arguments(p, default="f16c16-narrow")
     p.set_defaults(func=run_demo)
 
@@ -173,7 +173,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     first, second = (centre_square(load_image(p, max_pixels=limit), args.resolution) for p in (args.image_a, args.image_b))
     latents = codec.encode([first, second])
     path = interpolate_latents(latents[0], latents[1], args.steps, mode=args.mode)
-    frames = codec.decode(path, output_type="pil")
+    frames = codec.decode(path, image_size=first.size[::-1], output_type="pil")  # any side, cropped back
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = ["A"] + [f"{i / (args.steps - 1):.2f}" for i in range(1, args.steps - 1)] + ["B"]
     save_image(image_grid([image_strip([first] + [Image.new("RGB", first.size, "white")] * (args.steps - 2) + [second],
@@ -205,7 +205,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for path in tqdm(sample_photos(), desc="demo", unit="img"):
         image = centre_square(load_image(path), args.resolution)
         encoded = codec.encode(image, return_dict=True)
-        result = codec.decode(encoded.latents)
+        result = codec.decode(encoded.latents, image_size=encoded.image_size)  # a side not a multiple of the factor
         reference = pil_to_tensor(image).unsqueeze(0)
         score = psnr(reference, result.cpu()).item()
         before, after = tensor_to_uint8(reference)[0], tensor_to_uint8(result)[0]

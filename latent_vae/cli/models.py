@@ -40,7 +40,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                             "channel) that gives unit-variance latents on DATA, and save it into the model config.")
     p.add_argument("--data", required=True, help="folder of images (recursive)")
     p.add_argument("--per-channel", action="store_true", help="per-channel latents_mean/latents_std (SDXL-style)")
-    p.add_argument("--resolution", type=values.positive_int, default=256,
+    p.add_argument("--resolution", type=values.image_side, default=256,
                    help="centre-crop and resize images to this (default 256)")
     p.add_argument("--limit", type=values.non_negative_int, default=0, help="use at most this many images (default: all)")
     p.add_argument("--out", help="save the calibrated model here instead of into --model")
@@ -53,7 +53,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                             "device: free at any size).")
     p.add_argument("--model", default=DEFAULT_PRESET, help=f"preset, model folder or .safetensors (default {DEFAULT_PRESET})")
     p.add_argument("--seed", type=values.any_int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--resolution", type=values.positive_int, default=1024, help="image side in pixels (default 1024)")
+    p.add_argument("--resolution", type=values.image_side, default=1024, help="image side in pixels (default 1024)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_info)
 

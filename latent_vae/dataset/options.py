@@ -21,7 +21,7 @@ class PrecomputeOptions:
     """Everything a precompute run can be told besides the model, the data and the output folder.
     The command line has one `--flag` per field (`latent_vae.cli.precompute`)."""
 
-    resolution: int = _option(1024, "side of the square crop, or the buckets' side of equal area", values.positive_int)
+    resolution: int = _option(1024, "side of the square crop, or the buckets' side of equal area", values.image_side)
     buckets: bool = _option(False, "aspect-ratio buckets (SDXL-style) of about resolution**2 pixels instead of square crops")
     bucket_step: int | None = _option(None, "bucket sides are multiples of this (default: the model's downsampling factor)",
                                       values.positive_int)
