@@ -449,6 +449,14 @@ def convert_checkpoint(
         use_ema: convert the EMA weights that LDM's `LitEma` keeps under `model_ema.` (names without dots)
             instead of the raw ones.
     """
+    try:
+        return _convert(source, out_dir, config, single_file, prefix, use_ema)
+    except ConvertError as error:  # every message names what it is about: the checkpoint unless it names a file
+        named = str(error).startswith((str(source), str(config))) if config else str(error).startswith(str(source))
+        raise error if named else ConvertError(f"{source}: {error}") from None
+
+
+def _convert(source, out_dir, config, single_file, prefix, use_ema) -> Conversion:
     from .atomic import atomic_directory
     from .model import save_single_file, save_vae
 
