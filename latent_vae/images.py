@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, printable
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm")
@@ -90,8 +90,8 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
             with Image.open(source) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
-                    raise ImageError(f"{label}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
-                                     f"limit of {max_pixels / 1e6:.0f} (raise it with max_pixels / --max-pixels)")
+                    raise ImageError(f"{label}: {width}x{height} is {width * height:,} pixels, over the limit of "
+                                     f"{max_pixels:,} (raise it with max_pixels / --max-pixels)")
                 image.load()
                 if image.mode == "F":
                     raise ImageError(f"{label}: {FLOAT_IMAGE_REFUSED}")
@@ -262,7 +262,7 @@ def scan_images(folder: str | os.PathLike) -> ImageScan:
     unreadable: list[str] = []
 
     def report(error: OSError) -> None:
-        unreadable.append(f"{error.filename}: cannot read ({error.strerror or error})")
+        unreadable.append(f"{printable(str(error.filename))}: cannot read ({error.strerror or error})")
 
     files = []
     for root, _, names in os.walk(folder, onerror=report, followlinks=False):

@@ -47,7 +47,7 @@ class SkipImage(Exception):
 
 # load_image's messages ("NAME: why") -> the short reason word that failures are counted by.
 _REASONS = (("no such file", "missing"), ("no image", "missing"), ("empty", "empty"), ("not an image", "unsupported"),
-            ("is a folder", "unsupported"), ("unsupported", "unsupported"), ("megapixels", "too_large"),
+            ("is a folder", "unsupported"), ("unsupported", "unsupported"), ("over the limit", "too_large"),
             ("decompression bomb", "too_large"), ("too large", "too_large"), ("corrupt", "corrupt"),
             ("permission denied", "unreadable"), ("cannot read", "unreadable"))
 

@@ -6,8 +6,9 @@ shard they are in. The rule, one for every source:
 
 - a text column (captions, a tar sample's json member, any string column) keeps text as it is and stores any
   other value as its JSON text (`5` -> "5", `{"en": "a cat"}` -> '{"en": "a cat"}');
-- an image folder's `metadata.jsonl` column whose values have no one type (3 and "cat") becomes a text column of
-  each value's JSON text ("3", '"cat"'), so nothing is lost and every row has the same type;
+- an image folder's `metadata.jsonl` column that parquet cannot store as it is (values of no one type, 3 and
+  "cat"; an empty object) becomes a text column of each value's JSON text ("3", '"cat"', "{}"), so nothing is
+  lost and every row has the same type;
 - a value that fits its column in no such way (a parquet file whose schema differs from the first file's) makes
   that sample one failed input ("bad_metadata", naming the column), and the shard's other samples are kept.
 """
@@ -67,15 +68,25 @@ class MetadataFitter:
         return fitted
 
 
-def uniform_columns(rows: dict[str, list]) -> dict[str, list]:
-    """Columns of rows built from metadata files (an image folder's metadata.jsonl): a column whose values have
-    no one arrow type becomes the JSON text of each value (None stays None)."""
+def _storable(column: list) -> bool:
+    """Whether parquet can store this column as it is: one arrow type for all its values, and a type parquet
+    writes (not, for instance, a struct with no fields, which `{}` is)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    try:
+        values = pa.array(column)
+        pq.write_table(pa.table({"column": values.slice(0, 0)}), pa.BufferOutputStream())
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def uniform_columns(rows: dict[str, list]) -> dict[str, list]:
+    """Columns of rows built from metadata files (an image folder's metadata.jsonl): a column that parquet cannot
+    store as it is (values of no one type, an empty object) becomes the JSON text of each value (None stays None)."""
     for name, column in rows.items():
-        try:
-            pa.array(column)
-        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        if not _storable(column):
             rows[name] = [None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
                           for v in column]
     return rows
