@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from cli_harness import changed_outside, check_promises, png_bytes, run_cli, snapshot, write_png, write_tar
-from conftest import TINY
+from helpers import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open

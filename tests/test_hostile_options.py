@@ -28,7 +28,7 @@ from cli_harness import (
     write_png,
     write_tar,
 )
-from conftest import TINY
+from helpers import TINY
 
 from latent_vae import build_vae, save_vae
 from latent_vae.dataset.claims import Heartbeat, HeartbeatStopped

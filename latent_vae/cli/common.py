@@ -156,8 +156,7 @@ def check_output_folder(path: str | Path, kind: str, accepts: Callable[[Path], b
     shown = printable(str(path))
     _check_parents(path, option)
     if path.exists() and not path.is_dir():
-        raise CommandError(f"{option} {shown}: exists and is not a folder; the output is a folder of {kind}: "
-                           "give a new or empty folder")
+        raise CommandError(f"{option} {shown}: exists and is not a folder; give a new or empty folder for {kind}")
     if path.is_dir():
         entries = [e for e in path.iterdir() if not e.name.startswith(".") and not left_by_dead_process(e)]
         other = sorted(e.name for e in entries if not accepts(e))
