@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, NonFiniteError, one_line
-from . import coding, fp16, models, precompute
+from . import coding, fp16, inspect, models, precompute
 from .common import OneLineParser, UsageError
 
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     coding.add_parsers(commands)
     models.add_parsers(commands)
     precompute.add_parser(commands)
+    inspect.add_parser(commands)
     fp16.add_parser(commands)
     return parser
 
