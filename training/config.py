@@ -81,6 +81,11 @@ class TrainConfig:
     lpips_weights: str = ""  # local .safetensors (python -m training.lpips --help); empty: the default cache file
     sharpness_loss: Literal["fft", "ssim"] = "fft"
     sharpness_weight: float = 0.0
+    # Skorokhodov et al. 2025: decode latents downsampled by each factor, match the images downsampled alike, with
+    # the pixel loss (its units; 1 counts as much as the full-size reconstruction). It reshapes the latent space
+    # (fewer high frequencies), so it needs a trainable encoder; factors leave latents of at least 2 pixels a side.
+    scale_equivariance_weight: float = 0.0
+    scale_equivariance_factors: tuple[int, ...] = (2, 4)
     disc_weight: float = 0.5  # LDM's disc_weight: multiplies the adaptive weight
     disc_start: int = 50_001  # optimiser step at which the discriminator and its loss switch on
     disc_learning_rate: float = 1e-4
@@ -115,6 +120,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
+        if self.scale_equivariance_weight > 0:
+            if self.freeze_encoder:
+                raise ValueError("scale_equivariance_weight reshapes the latent space through the encoder, which "
+                                 "freeze_encoder keeps as it is: use one or the other")
+            if not self.scale_equivariance_factors or min(self.scale_equivariance_factors) < 2:
+                raise ValueError(f"scale_equivariance_factors must be integers of at least 2, got "
+                                 f"{list(self.scale_equivariance_factors)}")
         if self.freeze_encoder and self.model in PRESETS:
             raise ValueError(f"freeze_encoder keeps the encoder as it is, but {self.model!r} is a preset (fresh, random "
                              "weights): give --model a trained or converted model folder")
@@ -139,7 +151,7 @@ NUMBER_RULES = {
     "seed": values.any_int,
     **dict.fromkeys(("learning_rate", "disc_learning_rate", "adaptive_weight_max", "ema_power"), values.positive_float),
     **dict.fromkeys(("max_minutes", "weight_decay", "max_grad_norm", "kl_weight", "lpips_weight", "sharpness_weight",
-                     "disc_weight"), values.non_negative_float),
+                     "disc_weight", "scale_equivariance_weight"), values.non_negative_float),
     **dict.fromkeys(("adam_beta1", "adam_beta2", "ema_decay"), _UNIT),
     **dict.fromkeys(("logvar_min", "logvar_max"), _FINITE),
 }
@@ -154,6 +166,11 @@ def _coerce(name: str, kind, value):
     """A JSON or command-line value -> the field's type; a wrong type is a ValueError naming the field."""
     if typing.get_origin(kind) is Literal:
         kind = type(typing.get_args(kind)[0])
+    if typing.get_origin(kind) is tuple:  # of ints: a JSON list, or "2,4" on the command line
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{name} must be a list of integers, got {value!r}")
+        return tuple(_coerce(name, int, item.strip() if isinstance(item, str) else item) for item in items)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -217,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def _type_name(kind) -> str:
     if typing.get_origin(kind) is Literal:
         return "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+    if typing.get_origin(kind) is tuple:
+        return "INT,INT,..."
     return getattr(kind, "__name__", str(kind)).upper()
 
 

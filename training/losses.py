@@ -7,6 +7,7 @@ training step because the discriminator has its own optimiser.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
+
+from latent_vae.latent_space import downsample, gaussian_kl
 
 from .lpips import LPIPS
 
@@ -27,6 +30,8 @@ class LossWeights:
     lpips: float = 0.0
     sharpness: float = 0.0
     sharpness_kind: str = "fft"  # "fft" or "ssim"
+    scale_equivariance: float = 0.0
+    scale_equivariance_factors: tuple[int, ...] = (2, 4)
 
 
 def kl_per_pixel(mean: torch.Tensor, logvar: torch.Tensor, pixel_values: int) -> torch.Tensor:
@@ -35,8 +40,7 @@ def kl_per_pixel(mean: torch.Tensor, logvar: torch.Tensor, pixel_values: int) ->
     Dividing by pixel values (not latent values) keeps LDM's meaning of kl_weight = 1e-6: LDM sums its
     pixel loss and its KL over each image, we average the pixel loss, so both are divided by the same count.
     """
-    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
-    return kl.flatten(1).sum(1).mean() / pixel_values
+    return gaussian_kl(mean, logvar).flatten(1).sum(1).mean() / pixel_values
 
 
 def frequency_loss(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
@@ -49,6 +53,19 @@ def frequency_loss(reference: torch.Tensor, reconstruction: torch.Tensor) -> tor
     return F.l1_loss(amplitude(reconstruction), amplitude(reference))
 
 
+def scale_equivariance_loss(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
+                            pixels: torch.Tensor, factors: Sequence[int],
+                            distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Skorokhodov et al. 2025's scale equivariance: decode the latents downsampled by each factor and compare
+    them with the images downsampled by the same factor (`latent_vae.latent_space.downsample`, the block mean),
+    with the pixel loss's `distance` (a mean per pixel value): the mean over the factors.
+
+    Its gradient reaches the decoder and, through the latents, the encoder: it reshapes the latent space (its
+    high frequencies), so it has no place in a decoder-only fine-tune."""
+    terms = [distance(decode(downsample(latents, f)).float(), downsample(pixels, f).float()) for f in factors]
+    return torch.stack(terms).mean()
+
+
 def ssim_loss(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """1 - SSIM (Gaussian window 11, as `latent_vae.metrics.ssim`) of images in [-1, 1]."""
     unit = lambda x: (x.float().clamp(-1, 1) + 1) / 2
@@ -56,7 +73,8 @@ def ssim_loss(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Te
 
 
 class AutoencoderWithLoss(nn.Module):
-    """pixels -> {"reconstruction", "nll" (pixel + perceptual + sharpness terms), "kl", and each term}.
+    """pixels -> {"reconstruction", "nll" (pixel + perceptual + sharpness + scale-equivariance terms), "kl", and
+    each term}.
 
     The posterior is sampled (reparameterised) as in LDM; `sample=False` decodes its mean.
     """
@@ -77,12 +95,10 @@ class AutoencoderWithLoss(nn.Module):
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
         reconstruction = self.vae.decode(z).sample
         ref, rec = pixels.float(), reconstruction.float()
-        if w.reconstruction == "l1":
-            pixel_loss = F.l1_loss(rec, ref)
-        elif w.reconstruction == "l2":
-            pixel_loss = F.mse_loss(rec, ref)
-        else:
+        distance = {"l1": F.l1_loss, "l2": F.mse_loss}.get(w.reconstruction)
+        if distance is None:
             raise ValueError(f"unknown reconstruction loss {w.reconstruction!r}; choose l1 or l2")
+        pixel_loss = distance(rec, ref)
         nll = pixel_loss
         out = {"pixel_loss": pixel_loss.detach()}
         if w.lpips > 0:
@@ -99,6 +115,12 @@ class AutoencoderWithLoss(nn.Module):
                 raise ValueError(f"unknown sharpness loss {w.sharpness_kind!r}; choose fft or ssim")
             nll = nll + w.sharpness * sharp
             out["sharpness"] = sharp.detach()
+        if w.scale_equivariance > 0:
+            # the latent the reconstruction decoded (a posterior sample in training), downsampled
+            equivariance = scale_equivariance_loss(lambda latents: self.vae.decode(latents).sample, z, ref,
+                                                   w.scale_equivariance_factors, distance)
+            nll = nll + w.scale_equivariance * equivariance
+            out["scale_equivariance"] = equivariance.detach()
         kl = kl_per_pixel(mean.float(), logvar.float(), pixels[0].numel())
         out.update(reconstruction=reconstruction, nll=nll, kl=kl)
         return out

@@ -57,6 +57,7 @@ class StepResult:
     kl: float
     lpips: float | None = None
     sharpness: float | None = None
+    scale_equivariance: float | None = None
     # -- the GAN, in a step taken with it on
     g_loss: float | None = None
     d_weight: float | None = None  # the adaptive GAN weight (disc_weight and the pixel-value division included)
@@ -182,5 +183,6 @@ def train_step(state: TrainState, pixels: torch.Tensor, step: int, config: Train
             if norm is not None:
                 grad_norm = norm.item()
     return StepResult(loss=loss.item(), pixel_loss=out["pixel_loss"].item(), kl=out["kl"].item(),
-                      lpips=_value(out, "lpips"), sharpness=_value(out, "sharpness"), **gan,
+                      lpips=_value(out, "lpips"), sharpness=_value(out, "sharpness"),
+                      scale_equivariance=_value(out, "scale_equivariance"), **gan,
                       grad_norm=grad_norm, loss_scale=loss_scale, nonfinite=nonfinite, overflow=overflow)

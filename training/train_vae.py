@@ -40,6 +40,7 @@ from latent_vae.errors import (  # the latent-vae commands' statuses
     one_line,
 )
 from latent_vae.images import error_map, image_grid, image_strip, tensor_to_uint8
+from latent_vae.latent_space import equivariance_factors
 from latent_vae.metrics import psnr, ssim
 from latent_vae.presets import downsampling_factor
 
@@ -148,7 +149,8 @@ def loss_weights(config: TrainConfig) -> LossWeights:
     return LossWeights(
         reconstruction=config.reconstruction_loss, kl=config.kl_weight, logvar_min=config.logvar_min,
         logvar_max=config.logvar_max, lpips=config.lpips_weight, sharpness=config.sharpness_weight,
-        sharpness_kind=config.sharpness_loss,
+        sharpness_kind=config.sharpness_loss, scale_equivariance=config.scale_equivariance_weight,
+        scale_equivariance_factors=config.scale_equivariance_factors,
     )
 
 
@@ -169,6 +171,14 @@ def build_models(config: TrainConfig, accelerator: Accelerator) -> tuple[TrainSt
         if getattr(config, name) % factor:
             raise ValueError(f"{name} must be a multiple of the model's downsampling factor {factor}, "
                              f"got {getattr(config, name)}")
+    if config.scale_equivariance_weight > 0:
+        side = config.resolution // factor
+        usable = equivariance_factors(side, side, tuple(config.scale_equivariance_factors))
+        too_large = [f for f in config.scale_equivariance_factors if f not in usable]
+        if too_large:
+            raise ValueError(f"scale_equivariance_factors {too_large} do not fit: resolution {config.resolution} gives "
+                             f"{side}x{side} latents, which must stay at least 2 pixels a side (and divide) when "
+                             "downsampled; use smaller factors or a larger resolution")
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     encoder_before = freeze_encoder(vae) if config.freeze_encoder else None
