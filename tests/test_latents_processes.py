@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import assert_close
 from PIL import Image
 
 from latent_vae import build_vae, save_vae
@@ -168,6 +169,7 @@ def test_torchrun_with_two_processes_stores_every_key_once_and_both_ranks_work(s
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+@pytest.mark.numerics
 def test_two_nodes_on_localhost_equal_one_process(setup, tmp_path):
     model, images, good, bad = setup
     out, single = tmp_path / "nodes", tmp_path / "single"
@@ -194,6 +196,5 @@ def test_two_nodes_on_localhost_equal_one_process(setup, tmp_path):
     assert sorted(rows["nodes"]) == sorted(rows["single"]) == good
     for key, row in rows["single"].items():  # the same fp32 latents (up to summation order in other batches)
         shape = row["latent_shape"]
-        torch.testing.assert_close(unpack(rows["nodes"][key]["mean"], shape, torch.float32),
-                                   unpack(row["mean"], shape, torch.float32), atol=1e-5, rtol=1e-5)
+        assert_close(unpack(rows["nodes"][key]["mean"], shape, torch.float32), unpack(row["mean"], shape, torch.float32))
     assert read_failures(out) and sorted(f["key"] for f in read_failures(out)) == bad

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import FP32_OP, assert_close
 
 from latent_vae import LatentNormalization, build_vae
 from latent_vae.stats import write_normalization
@@ -53,7 +54,7 @@ def test_dit_pipeline_with_f16_vae():
     assert [im.size for im in outputs[0]] == [(LATENT * 16, LATENT * 16)] * 2
     assert seen[0].shape == (2, 16, LATENT, LATENT)
     # DiT applies the scale (latents / scaling_factor) and ignores shift_factor.
-    torch.testing.assert_close(seen[1], seen[0] * 4)
+    assert_close(seen[1], seen[0] * 4, FP32_OP)
 
 
 def test_stable_diffusion_pipeline_with_f16_vae():
@@ -80,7 +81,7 @@ def test_stable_diffusion_pipeline_with_f16_vae():
 
     seen, outputs = decode_inputs(pipe, run, [LatentNormalization(1.0), LatentNormalization(0.5)])
     assert [im.size for im in outputs[0]] == [(LATENT * 16, LATENT * 16)] * 2
-    torch.testing.assert_close(seen[1], seen[0] * 2)  # SD applies the scale, not the shift
+    assert_close(seen[1], seen[0] * 2, FP32_OP)  # SD applies the scale, not the shift
 
 
 def test_flux_pipeline_applies_scale_and_shift():
@@ -108,4 +109,4 @@ def test_flux_pipeline_applies_scale_and_shift():
     seen, outputs = decode_inputs(pipe, run, normalizations)
     assert outputs[0][0].size == (side, side)
     assert seen[0].shape == (1, 16, LATENT, LATENT)
-    torch.testing.assert_close(seen[1], seen[0] * 2 + 0.3)  # FLUX: latents / scaling_factor + shift_factor
+    assert_close(seen[1], seen[0] * 2 + 0.3, FP32_OP)  # FLUX: latents / scaling_factor + shift_factor

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import assert_close
 from PIL import Image
 
 from latent_vae import LatentCodec, build_vae, save_vae
@@ -87,6 +88,7 @@ def _png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.numerics
 def test_tar_shards_give_one_output_shard_each_with_keys_captions_and_failures(model_dir, codec, tmp_path):
     samples = img2dataset_shards(tmp_path / "tars")
     # Shard 00003: a sample without an image, a corrupt image, a caption from json only.
@@ -119,10 +121,10 @@ def test_tar_shards_give_one_output_shard_each_with_keys_captions_and_failures(m
         got = rows[expected["key"]]
         shape = got["latent_shape"]
         assert shape == expected["latent_shape"] and got["target_size"] == [RES, RES]
-        torch.testing.assert_close(unpack(got["mean"], shape, torch.float32),
-                                   unpack(expected["mean"], shape, torch.float32), atol=1e-5, rtol=1e-5)
+        assert_close(unpack(got["mean"], shape, torch.float32), unpack(expected["mean"], shape, torch.float32))
 
 
+@pytest.mark.numerics
 def test_bytes_parquet_and_a_streamed_dataset_give_the_tar_shards_rows(model_dir, tmp_path):
     samples = img2dataset_shards(tmp_path / "tars", shards=2)
     (tmp_path / "parquet").mkdir()
@@ -156,9 +158,8 @@ def test_bytes_parquet_and_a_streamed_dataset_give_the_tar_shards_rows(model_dir
     streamed = stored(out)
     assert sorted(streamed) == sorted(k for k in results["parquet"] if k.startswith("00000"))
     for key, row in streamed.items():  # equal up to float summation order (other batches: other kernels' order)
-        torch.testing.assert_close(unpack(row["mean"], row["latent_shape"], torch.float32),
-                                   unpack(results["parquet"][key], row["latent_shape"], torch.float32),
-                                   atol=1e-5, rtol=1e-5)
+        assert_close(unpack(row["mean"], row["latent_shape"], torch.float32),
+                     unpack(results["parquet"][key], row["latent_shape"], torch.float32))
 
 
 def dead_pid() -> int:
@@ -289,7 +290,7 @@ def test_streaming_reads_every_row_once_over_two_ranks_and_two_workers(latent_di
     second = {i["key"]: i["latents"] for i in stream}
     assert sorted(first) == sorted(second) and first != list(second)
     index = keys.index(first[0])
-    torch.testing.assert_close(second[first[0]], everything[index]["latents"])
+    assert_close(second[first[0]], everything[index]["latents"])
 
 
 @pytest.mark.parametrize("failing", ["encode_moments", "moment_rows"])  # the encoder (this thread), the writer thread

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import smooth_image
+from helpers import FP32_OP, FP32_REORDER, assert_close, smooth_image
 
 from latent_vae import LatentCodec, build_vae, calibrate, load_vae, save_vae
 from latent_vae.stats import RunningLatentStats
@@ -18,13 +18,14 @@ def test_running_stats_equal_the_statistics_of_all_latents_at_once():
         stats.update(chunk)
     per_channel = stats.normalization(per_channel=True)
     flat = latents.transpose(0, 1).reshape(4, -1).double()
-    assert torch.allclose(torch.tensor(per_channel.latents_mean, dtype=torch.float64), flat.mean(1), atol=1e-6)
-    assert torch.allclose(torch.tensor(per_channel.latents_std, dtype=torch.float64), flat.std(1, unbiased=False), atol=1e-6)
+    assert_close(per_channel.latents_mean, flat.mean(1), FP32_OP)
+    assert_close(per_channel.latents_std, flat.std(1, unbiased=False), FP32_OP)
     glob = stats.normalization(per_channel=False)
-    assert glob.shift_factor == pytest.approx(latents.double().mean().item(), abs=1e-6)
-    assert glob.scaling_factor == pytest.approx(1 / latents.double().std(unbiased=False).item(), rel=1e-6)
+    assert glob.shift_factor == pytest.approx(latents.double().mean().item(), rel=FP32_OP)
+    assert glob.scaling_factor == pytest.approx(1 / latents.double().std(unbiased=False).item(), rel=FP32_OP)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_calibration_gives_unit_variance_on_the_data_it_saw(per_channel, tmp_path):
     codec = LatentCodec(build_vae("f16c16-tiny", seed=0), max_batch_size=4)
@@ -33,13 +34,15 @@ def test_calibration_gives_unit_variance_on_the_data_it_saw(per_channel, tmp_pat
     assert abs(before.std().item() - 1) > 0.05  # otherwise this test proves nothing
     calibrate(codec, data, per_channel=per_channel)
     after = codec.encode(data)
+    # Calibrated latents have unit standard deviation, so these tolerances are relative to it: fp32 summation
+    # order only, since calibration measured these very latents.
     if per_channel:
         channels = after.transpose(0, 1).reshape(16, -1)
-        assert torch.allclose(channels.mean(1), torch.zeros(16), atol=1e-4)
-        assert torch.allclose(channels.std(1, unbiased=False), torch.ones(16), atol=1e-3)
+        assert channels.mean(1).abs().max().item() <= FP32_REORDER
+        assert (channels.std(1, unbiased=False) - 1).abs().max().item() <= FP32_REORDER
     else:
-        assert after.mean().item() == pytest.approx(0, abs=1e-4)
-        assert after.std(unbiased=False).item() == pytest.approx(1, abs=1e-3)
+        assert abs(after.mean().item()) <= FP32_REORDER
+        assert abs(after.std(unbiased=False).item() - 1) <= FP32_REORDER
     # written into the config: saved with the model and read by diffusers
     save_vae(codec.vae, tmp_path / "m")
     config = AutoencoderKL.from_pretrained(tmp_path / "m").config
@@ -48,7 +51,7 @@ def test_calibration_gives_unit_variance_on_the_data_it_saw(per_channel, tmp_pat
     else:
         assert config.scaling_factor == pytest.approx(1 / before.std(unbiased=False).item(), rel=1e-3)
     reloaded = LatentCodec(load_vae(tmp_path / "m"))
-    assert torch.allclose(reloaded.encode(data), after, atol=1e-4)
+    assert_close(reloaded.encode(data), after)
 
 
 def test_calibrating_nothing_is_an_error():
