@@ -247,6 +247,16 @@ def test_a_garbage_latents_json_is_one_line_naming_it(tmp_path, content, said):
     assert code == EXIT_BAD_INPUT and f"{tmp_path / 'latents.json'}: " in one_error(err) and said in one_error(err)
 
 
+def test_a_damaged_manifest_is_a_problem_that_verify_names(work, model_dir):
+    assert run_cli("precompute", "--model", model_dir, "--data", work / "photos", "--out", work / "out",
+                   *PRECOMPUTE)[0] == EXIT_OK
+    [manifest] = (work / "out" / "manifests").glob("*.json")
+    manifest.write_text('{"input_shard": ')
+    code, _, err = run_cli("precompute", "--verify", work / "out")
+    assert code == EXIT_SOME_FAILED and "Traceback" not in err
+    assert f"{work / 'out'}: {manifest}: not valid JSON" in err.splitlines()[0]
+
+
 def test_a_parquet_file_of_random_bytes_is_one_line_naming_it(work):
     (work / "shards").mkdir()
     (work / "shards" / "00000.parquet").write_bytes(random_bytes(3000))

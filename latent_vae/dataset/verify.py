@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import file_sha256
+from ..errors import one_line
 from .format import DATA_DIR, KEY, LatentInfo, Manifest, read_manifests
 from .writer import shard_state
 
@@ -66,8 +67,14 @@ def verify_latents(path: str | os.PathLike, *, checksums: bool = True) -> Verify
     out = Path(path)
     info = LatentInfo.read(out)
     problems: list[str] = []
-    manifests = read_manifests(out, info.input_shards)
-    missing = [n for n in info.input_shards if n not in manifests]
+    manifests, damaged = {}, set()
+    for name in info.input_shards:  # a damaged manifest is a problem of the dataset, named, not a stop
+        try:
+            manifests.update(read_manifests(out, [name]))
+        except ValueError as error:
+            problems.append(one_line(error))
+            damaged.add(name)
+    missing = [n for n in info.input_shards if n not in manifests and n not in damaged]
     if missing:
         problems.append(f"{len(missing)} shard(s) not done: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     key_hashes, rows, failures = [], 0, 0
