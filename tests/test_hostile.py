@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from helpers import TINY, smooth_image
+from helpers import TINY, assert_close, smooth_image
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -87,7 +87,7 @@ def test_a_decompression_bomb_fails_alone_and_the_good_images_around_it_are_enco
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good0.safetensors", "good1.safetensors"]
     for name in ("good0", "good1"):  # written and correct
         expected = codec.encode(load_image(photos / f"{name}.png"))[0]
-        torch.testing.assert_close(load_latent_file(tmp_path / "out" / f"{name}.safetensors").latents, expected)
+        assert_close(load_latent_file(tmp_path / "out" / f"{name}.safetensors").latents, expected)
 
 
 def test_the_pixel_limit_is_configurable_and_checked_before_decoding(tmp_path, capsys, photos):
@@ -166,7 +166,7 @@ def test_python_inputs_on_the_wrong_scale_are_refused_and_bytes_are_an_image(cod
     with pytest.raises(ImageError, match="float .*mode 'F'"):
         codec.encode(Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)))  # [0, 1] would have become black
     data = (photos / "good0.png").read_bytes()
-    torch.testing.assert_close(codec.encode(data), codec.encode(load_image(photos / "good0.png")))
+    assert_close(codec.encode(data), codec.encode(load_image(photos / "good0.png")))
     with pytest.raises(ImageError, match="^image bytes: not an image"):
         codec.encode(b"not a png")
 
