@@ -37,10 +37,16 @@ def weights(folder: Path, name: str = "vae.safetensors") -> dict[str, torch.Tens
     return load_file(str(folder / name))
 
 
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+STEP = load_config("tiny_test").learning_rate
+"""The scale of weight differences between runs: Adam moves every weight by about the learning rate each step,
+whatever the size of its gradient, so rounding noise in a small gradient shows at this scale, not the weights'."""
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], steps: float = 1e-3) -> None:
+    """The same weights up to `steps` learning-rate steps (default: the same computation, rounding aside)."""
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= atol, f"weights differ by up to {worst}"
+    assert worst <= steps * STEP, f"weights differ by up to {worst / STEP:.3g} learning-rate steps"
 
 
 def test_a_run_leaves_a_calibrated_diffusers_model_checkpoints_logs_and_grids(training_images, tmp_path):
@@ -121,16 +127,19 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run_when_they_persist
         main(tiny(training_images, tmp_path / "many", max_steps=10, max_nonfinite_steps=3, disc_weight=0.0))
 
 
+@pytest.mark.numerics
 def test_gradient_accumulation_matches_the_larger_batch(training_images, tmp_path):
     # Same images in the same order, same noise stream: 2 x 2 accumulated == one batch of 4.
     common = {"max_steps": 2, "disc_weight": 0.0, "validate_every": 0, "checkpoint_every": 0, "max_grad_norm": 0.0}
     main(tiny(training_images, tmp_path / "big", batch_size=4, **common))
     main(tiny(training_images, tmp_path / "accum", batch_size=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
               **common))
+    # Other batch splits sum in another order; Adam grows that noise to a fraction of a step (see below).
     assert_same(weights(tmp_path / "big" / "checkpoint-0000002"), weights(tmp_path / "accum" / "checkpoint-0000002"),
-                atol=1e-5)
+                steps=0.1)
 
 
+@pytest.mark.numerics
 def test_gan_with_gradient_accumulation_matches_the_larger_batch(training_images, tmp_path):
     """GAN on from the first step, its adaptive weight at the clamp (so it does not depend on the batch): 2 x 2
     accumulated images (with gradient checkpointing, which the adaptive weight's autograd.grad must go through) give
@@ -144,10 +153,10 @@ def test_gan_with_gradient_accumulation_matches_the_larger_batch(training_images
               **common))
     big, accum = tmp_path / "big" / "checkpoint-0000002", tmp_path / "accum" / "checkpoint-0000002"
     for name in ("vae.safetensors", "discriminator.safetensors", "ema.safetensors"):
-        assert_same(weights(big, name), weights(accum, name), atol=1e-4)  # float noise grown by Adam (lr 1e-3): up to 3e-5
+        assert_same(weights(big, name), weights(accum, name), steps=0.1)  # float noise grown by Adam: up to 0.03 steps
     main(tiny(training_images, tmp_path / "no_gan", batch_size=4, **{**common, "disc_weight": 0.0}))
     with pytest.raises(AssertionError):  # the GAN term did move the generator
-        assert_same(weights(big), weights(tmp_path / "no_gan" / "checkpoint-0000002"), atol=1e-4)
+        assert_same(weights(big), weights(tmp_path / "no_gan" / "checkpoint-0000002"), steps=0.1)
 
 
 def test_without_validation_data_the_run_validates_on_held_out_images_it_never_trains_on(training_images, tmp_path,
