@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import FP32_REORDER, assert_within_reordering, bf16_tolerance, relative_error
 from torch import nn
 
 from latent_vae import LatentCodec, build_vae, get_preset
@@ -20,10 +21,12 @@ from latent_vae.tiling import (
     tile_regions,
 )
 
-# fp32 keeps 24 bits: a value summed in another order moves by a few ulps per layer. 1e-5 of the output's
-# range is ~100 ulps: what reordering can do across these networks, and 1000x below the error diffusers'
-# per-tile GroupNorm statistics make (test_codec measures it on the same tiny models).
-REORDER = 1e-5
+pytestmark = pytest.mark.numerics  # tiled against whole: equal up to fp32 summation order throughout
+
+# What fp32 reordering can do across these networks, as a fraction of the output's range (tests/helpers.py: measured
+# on several kernel sets); 500x below the error diffusers' per-tile GroupNorm statistics make (test_codec measures
+# it on the same tiny models).
+REORDER = FP32_REORDER
 
 
 def model(name: str) -> nn.Module:
@@ -89,9 +92,8 @@ def test_codec_odd_sizes_batches_and_tiles_match_whole():
     assert_same(tiled_encoded.latents, encoded.latents)
     decoded = whole.decode(encoded.latents, image_size=encoded.image_size)
     assert decoded.shape == (3, 3, 75, 101)
-    reorder = (layout.decode(encoded.latents, image_size=encoded.image_size) - decoded).abs().max().item()
-    error = (tiled.decode(encoded.latents, image_size=encoded.image_size) - decoded).abs().max().item()
-    assert error <= 2 * reorder + 1e-6, (error, reorder)
+    assert_within_reordering(tiled.decode(encoded.latents, image_size=encoded.image_size), decoded,
+                             yardstick=layout.decode(encoded.latents, image_size=encoded.image_size))
 
 
 def test_policy_whole_when_it_fits_tiles_when_not_same_result():
@@ -108,8 +110,7 @@ def test_policy_whole_when_it_fits_tiles_when_not_same_result():
     whole = LatentCodec(build_vae("f8c4-tiny", seed=0))
     layout = LatentCodec(build_vae("f8c4-tiny", seed=0), channels_last=not whole.channels_last)
     reference = whole.encode(image)
-    reorder = (layout.encode(image) - reference).abs().max().item()
-    assert (budgeted.encode(image) - reference).abs().max().item() <= 2 * reorder + 1e-6
+    assert_within_reordering(budgeted.encode(image), reference, yardstick=layout.encode(image))
     assert not budgeted.last_plan.whole and whole.last_plan.whole
 
 
@@ -187,7 +188,7 @@ def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tm
                        progress=False)
     pre_latent = load_latents(tmp_path / "pre", model=str(model_dir), resolution=side, sample=False)[0]["latents"]
     assert cli_latent.shape == pre_latent.shape == (16, side // 16, side // 16)
-    assert (cli_latent - pre_latent).abs().max().item() <= REORDER * pre_latent.abs().max().item() + 1e-6
+    assert_same(cli_latent, pre_latent)
     # `precompute --max-memory` just below what the whole image needs: exact tiles, the same latent.
     batch = (8, 3, side, side)  # precompute's default batch
     budget = plan_coding(load_vae(model_dir), "encode", batch).estimated_bytes - 1
@@ -197,7 +198,7 @@ def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tm
                  "--max-memory", str(budget)]) == 0
     assert json.loads((tmp_path / "pre_tiled" / "summary.json").read_text())["failures"] == 0
     tiled_latent = load_latents(tmp_path / "pre_tiled", model=str(model_dir), sample=False)[0]["latents"]
-    assert (tiled_latent - pre_latent).abs().max().item() <= REORDER * pre_latent.abs().max().item() + 1e-6
+    assert_same(tiled_latent, pre_latent)
 
     assert main(["decode", str(tmp_path / "enc" / "photo.safetensors"), "--model", str(model_dir), "--out",
                  str(tmp_path / "dec"), "--device", "cpu"]) == 0
@@ -241,12 +242,36 @@ def test_cuda_plans_tile_levels_too_big_for_fast_kernels_and_recompute_rather_th
     assert on_cpu.whole
     assert not on_cuda.whole and "keep" not in on_cuda.strategies
     assert [s != "untiled" for s in on_cuda.strategies] == huge
-    tight = plan_coding(vae, "decode", latent, max_memory=on_cuda.estimated_bytes // 4, device="cuda")
-    assert "keep" not in tight.strategies and tight.estimated_bytes <= on_cuda.estimated_bytes // 4
+    recomputed = plan_coding(vae, "decode", latent, max_memory=plentiful, device="cuda", strategy="recompute",
+                             tile_size=512)
+    tight = plan_coding(vae, "decode", latent, max_memory=recomputed.estimated_bytes, device="cuda")
+    assert "keep" not in tight.strategies and "recompute" in tight.strategies
+    assert tight.estimated_bytes <= recomputed.estimated_bytes
     forced = plan_coding(vae, "decode", latent, max_memory=plentiful, device="cuda", strategy="keep")
     assert "keep" in forced.strategies
     batch = plan_coding(vae, "decode", (64, vae.config.latent_channels, 64, 64), max_memory=plentiful, device="cuda")
     assert batch.whole
+
+
+def test_cpu_policy_keeps_a_level_that_fits_kept_but_not_untiled_rather_than_recomputing_it():
+    """A budget between the peak of an untiled top level and that of a kept one: the CPU plan keeps that level,
+    although recomputing it would fit too (keep is measured 2-3x faster than recompute on CPU)."""
+    from latent_vae.tiling import estimate_bytes, program_for
+
+    vae = build_vae("f16c16-tiny", seed=0)
+    shape = (1, vae.config.latent_channels, 128, 128)  # a 2048x2048 image
+    program = program_for(vae, "decode")
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+
+    def estimate(last_level: str) -> int:
+        strategies = ("untiled",) * (len(program.levels) - 1) + (last_level,)
+        return estimate_bytes(program, shape[-2:], 1, 4, strategies, 512, weights, False)
+
+    budget = estimate("keep")
+    assert estimate("recompute") <= budget < estimate("untiled")  # the premise: the top level does not fit untiled
+    plan = plan_coding(vae, "decode", shape, max_memory=budget)
+    assert not plan.whole and plan.estimated_bytes <= budget
+    assert plan.strategies[-1] == "keep" and "recompute" not in plan.strategies, plan.describe()
 
 
 def test_bf16_tiles_normalise_a_few_groups_at_a_time_with_the_same_result(monkeypatch):
@@ -264,4 +289,7 @@ def test_bf16_tiles_normalise_a_few_groups_at_a_time_with_the_same_result(monkey
     assert torch.equal(sliced, one_pass)
     with torch.inference_mode():
         whole = vae._encode(image)
-    assert (sliced.float() - whole.float()).abs().max().item() <= 0.05 * whole.float().abs().max().item()
+    # bf16 through the encoder's layers: identical here on AVX-512 and AVX2 kernels, 0.6% (relative L2) on the
+    # baseline set, against sqrt(layers) * 2^-8 = 1.7%.
+    layers = sum(isinstance(m, nn.Conv2d) for m in vae.encoder.modules())
+    assert relative_error(sliced.float(), whole.float()) <= 2 * bf16_tolerance(layers)

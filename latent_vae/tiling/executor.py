@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -83,49 +84,6 @@ def _level_outputs(program: Program, index: int) -> list[str]:
     return [name for name in made if name in later or name == program.output]
 
 
-def run_program(program: Program, x: torch.Tensor, strategies: tuple[str, ...], tile_size: int,
-                storage: torch.device) -> torch.Tensor:
-    """Run `program` on `x` with a strategy per level and tiles of `tile_size`; full tensors live on `storage`."""
-    sizes = program.sizes(*x.shape[-2:])
-    ctx = RunContext(device=x.device, batch=x.shape[0], dtype=x.dtype)
-    for op in program.ops:
-        if isinstance(op, Norm):
-            ctx.norms_reading.setdefault(op.srcs[0], []).append(op)
-    readers = {}
-    for op in program.ops:
-        for src in op.srcs:
-            readers[src] = readers.get(src, 0) + 1
-    channels_last = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    last_read = last_reads(program.ops)  # positions in the program
-
-    def forget(stored, done):  # drop stored tensors that no op after position `done` reads
-        for name in [n for n in stored if last_read.get(n, -1) <= done and n != program.output]:
-            del stored[name]
-
-    stored = {program.input: x}
-    position = 0
-    for index, (level, strategy) in enumerate(zip(program.levels, strategies)):
-        outputs = _level_outputs(program, index)
-        if strategy == "untiled" or level.untileable:
-            results = _run_pass(level.ops, stored, {o: full_region(sizes[o]) for o in outputs}, sizes, ctx)
-            stored.update({name: t.to(storage) for name, t in results.items()})
-        elif strategy == "keep":
-            # Store the intermediates in full and run short chains of ops tile by tile: a GroupNorm, the
-            # convolution reading it and the residual addition after it, so that normalised tensors and bare
-            # convolution outputs are never stored.
-            offset = 0
-            for chain in _chains(level.ops, readers):
-                _tiled(chain, stored, [chain[-1].dst], sizes, ctx, tile_size, storage, memory_format, program)
-                offset += len(chain)
-                forget(stored, position + offset - 1)
-        else:
-            _tiled(level.ops, stored, outputs, sizes, ctx, tile_size, storage, memory_format, program)
-        position += len(level.ops)
-        forget(stored, position - 1)
-    return stored[program.output]
-
-
 def _chains(ops: list[Op], readers: dict) -> list[list[Op]]:
     """Split ops into chains whose inner results have a single reader (the next op), each chain starting at a
     GroupNorm or where a result is read twice: a GroupNorm needs its input's statistics, hence stored."""
@@ -140,22 +98,97 @@ def _chains(ops: list[Op], readers: dict) -> list[list[Op]]:
     return chains
 
 
-def _tiled(ops, stored, outputs, sizes, ctx, tile, storage, memory_format, program):
-    """Compute `outputs` of `ops` tile by tile: first the statistics of every GroupNorm, then the outputs
-    (gathering, as each output tile is written, the statistics of the GroupNorms that will read it)."""
-    for i, op in enumerate(ops):
-        if isinstance(op, Norm) and op not in ctx.stats:
-            acc = None
-            for region in tile_regions(sizes[op.srcs[0]], tile):
-                t = _run_pass(ops[:i], stored, {op.srcs[0]: region}, sizes, ctx)[op.srcs[0]]
-                acc = combine_stats(acc, tile_stats(t, op.norm.num_groups))
-            ctx.stats[op] = finish_stats(acc, op.norm.eps)
-    channels = program.channels()
-    batch, dtype = ctx.batch, ctx.dtype
-    for name in outputs:
-        full = torch.empty((batch, channels[name], *sizes[name]), dtype=dtype, device=storage,
+@dataclass(frozen=True)
+class Step:
+    """One step of a run: `ops` write `outputs` as full tensors, in one untiled pass or tile by tile.
+
+    A tiled step first gathers the statistics of the GroupNorms in `norm_passes` (one pass over the tiles of each
+    one's input); as it writes `outputs[i]` it gathers those of the GroupNorms in `gathers[i]` (the later readers
+    of that output). After the step the stored tensors in `frees` are dropped: no later step reads them."""
+
+    ops: tuple[Op, ...]
+    outputs: tuple[str, ...]
+    tiled: bool
+    norm_passes: tuple[Norm, ...]
+    gathers: tuple[tuple[Norm, ...], ...]
+    frees: tuple[str, ...]
+
+
+def schedule(program: Program, strategies: tuple[str, ...]) -> list[Step]:
+    """The steps that run `program` with a strategy per level: what the executor runs and the policy estimates.
+
+    "untiled" (and an untileable level): one step, one pass on full tensors. "recompute": one tiled step
+    writing only the level's outputs. "keep": a tiled step per chain (a GroupNorm, the convolution reading it and
+    the residual addition after it), so that every chain's result is stored and normalised tensors and bare
+    convolution outputs are not."""
+    readers: dict[str, int] = {}
+    norms_reading: dict[str, list[Norm]] = {}
+    for op in program.ops:
+        for src in op.srcs:
+            readers[src] = readers.get(src, 0) + 1
+        if isinstance(op, Norm):
+            norms_reading.setdefault(op.srcs[0], []).append(op)
+    last_read = last_reads(program.ops)
+    known: set[Norm] = set()  # GroupNorms whose statistics exist before the step
+    stored = {program.input}
+    steps, done = [], 0
+    for index, (level, strategy) in enumerate(zip(program.levels, strategies)):
+        if strategy == "untiled" or level.untileable:
+            parts = [(level.ops, _level_outputs(program, index), False)]
+        elif strategy == "keep":
+            parts = [(chain, [chain[-1].dst], True) for chain in _chains(level.ops, readers)]
+        else:
+            parts = [(level.ops, _level_outputs(program, index), True)]
+        for ops, outputs, tiled in parts:
+            norms = [op for op in ops if isinstance(op, Norm)]
+            norm_passes, gathers = (), ()
+            if tiled:
+                norm_passes = tuple(op for op in norms if op not in known)
+                known.update(norm_passes)
+                gathers = tuple(tuple(op for op in norms_reading.get(name, []) if op not in known) for name in outputs)
+                known.update(op for group in gathers for op in group)
+            else:
+                known.update(norms)  # an untiled GroupNorm computes its statistics from its full input
+            done += len(ops)
+            stored.update(outputs)
+            frees = tuple(sorted(name for name in stored if last_read.get(name, -1) < done and name != program.output))
+            stored.difference_update(frees)
+            steps.append(Step(tuple(ops), tuple(outputs), tiled, norm_passes, gathers, frees))
+    return steps
+
+
+def run_program(program: Program, x: torch.Tensor, strategies: tuple[str, ...], tile_size: int,
+                storage: torch.device) -> torch.Tensor:
+    """Run `program` on `x` with a strategy per level and tiles of `tile_size`; full tensors live on `storage`."""
+    sizes, channels = program.sizes(*x.shape[-2:]), program.channels()
+    ctx = RunContext(device=x.device, batch=x.shape[0], dtype=x.dtype)
+    channels_last = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    stored = {program.input: x}
+    for step in schedule(program, strategies):
+        if step.tiled:
+            _run_tiled(step, stored, sizes, channels, ctx, tile_size, storage, memory_format)
+        else:
+            results = _run_pass(list(step.ops), stored, {o: full_region(sizes[o]) for o in step.outputs}, sizes, ctx)
+            stored.update({name: t.to(storage) for name, t in results.items()})
+        for name in step.frees:
+            del stored[name]
+    return stored[program.output]
+
+
+def _run_tiled(step: Step, stored, sizes, channels, ctx, tile, storage, memory_format) -> None:
+    """Run a tiled step: the statistics of its GroupNorms first, then each output tile by tile (gathering, as
+    each output tile is written, the statistics of the GroupNorms that will read it)."""
+    ops = list(step.ops)
+    for norm in step.norm_passes:
+        acc = None
+        for region in tile_regions(sizes[norm.srcs[0]], tile):
+            t = _run_pass(ops[: ops.index(norm)], stored, {norm.srcs[0]: region}, sizes, ctx)[norm.srcs[0]]
+            acc = combine_stats(acc, tile_stats(t, norm.norm.num_groups))
+        ctx.stats[norm] = finish_stats(acc, norm.norm.eps)
+    for name, norms in zip(step.outputs, step.gathers):
+        full = torch.empty((ctx.batch, channels[name], *sizes[name]), dtype=ctx.dtype, device=storage,
                            memory_format=memory_format if channels[name] > 1 else torch.contiguous_format)
-        norms = [op for op in ctx.norms_reading.get(name, []) if op not in ctx.stats]
         acc = {op: None for op in norms}
         for region in tile_regions(sizes[name], tile):
             out = _run_pass(ops, stored, {name: region}, sizes, ctx)[name]

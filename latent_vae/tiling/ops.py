@@ -91,10 +91,16 @@ class Conv(Op):
         rows, cols = self._windows(region, sizes)
         return [(rows[0], rows[1], cols[0], cols[1])]
 
+    def pads_a_copy(self, region, sizes) -> bool:
+        """Whether computing `region` pads a copy of the input: zeros differ between sides (else the convolution
+        pads them itself, with no copy)."""
+        (_, _, top, bottom), (_, _, left, right) = self._windows(region, sizes)
+        return not top == bottom == left == right
+
     def apply(self, inputs, region, sizes, ctx, inplace):
         (_, _, top, bottom), (_, _, left, right) = self._windows(region, sizes)
         x, conv = inputs[0], self.conv
-        if top == bottom == left == right:  # symmetric zeros: let the convolution pad (no copy)
+        if not self.pads_a_copy(region, sizes):
             return F.conv2d(x, conv.weight, conv.bias, conv.stride, top)
         return F.conv2d(F.pad(x, (left, right, top, bottom)), conv.weight, conv.bias, conv.stride, 0)
 
@@ -261,5 +267,4 @@ class RunContext:
     device: torch.device
     batch: int
     dtype: torch.dtype
-    stats: dict = field(default_factory=dict)
-    norms_reading: dict = field(default_factory=dict)  # register -> the Norm ops that read it
+    stats: dict = field(default_factory=dict)  # Norm -> (mean, rstd) per sample and group

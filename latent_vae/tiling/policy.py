@@ -9,16 +9,22 @@ import torch
 from torch import nn
 
 from ..values import BadValue, byte_size
-from .executor import last_reads, regions_needed
-from .ops import Conv, Norm, area, full_region
+from .executor import Step, last_reads, regions_needed, schedule
+from .ops import HALF_NORM_CHUNK, Conv, Norm, area, full_region
 from .program import Program, program_for
 
 STRATEGIES = ("untiled", "keep", "recompute")
 TILE_SIZES = (2048, 1024, 512, 256, 128, 64)  # candidates the policy tries, largest first
+# "keep" is measured with tiles of 512 px (benchmarks/results/tiling_keep_cpu.md); with smaller tiles the halos and
+# the per-tile overhead grow, unmeasured: automatic plans keep only with tiles this large.
+KEEP_MIN_TILE = 512
 # Calibration of the activation estimate against measured peaks (resident set on CPU, allocator peak on CUDA):
 # allocator slack, convolution workspaces and the interpreter; see benchmarks/tiling.py.
 ESTIMATE_SLACK = 1.2
 BASE_BYTES = 600 * 2**20
+# Exact tiles on CUDA (full tensors in host memory): the device's allocator peak over the estimate of what lives
+# there, cuDNN workspaces and caching included (the largest of the recompute rows of tiling_cuda.json).
+CUDA_TILES_SLACK = 1.45
 # diffusers' untiled forward holds more at its peak than this executor's liveness count of the same program
 # (calibrated on the whole-image rows of benchmarks/results/tiling*.json: resident sets on CPU, allocator
 # peaks on CUDA; the larger of the two CUDA rows sets its factor).
@@ -81,70 +87,62 @@ def default_budget(device: torch.device) -> int:
         return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def _pass_bytes(ops, targets, sizes, channels, batch, itemsize, stored) -> int:
-    """Peak bytes of the temporaries of one `_run_pass` (input crops are views on CPU, copies on CUDA)."""
+def _pass_elements(ops, targets, sizes, channels, stored, copies_stored: bool, half: bool) -> int:
+    """Peak elements of the temporaries of one `_run_pass`: the live results, plus the copies an op makes of its
+    inputs (zero padding that differs between sides; crops of stored tensors that live on another device) and,
+    in bf16/fp16 (`half`), a GroupNorm's two fp32 temporaries of up to HALF_NORM_CHUNK elements each."""
     needs = regions_needed(ops, targets, sizes)
     active = [op for op in ops if op.dst in needs and op.dst not in stored]
     last = last_reads(active)
     live, peak = {}, 0
     for i, op in enumerate(active):
         region = needs[op.dst]
-        padded = sum(area(r) * channels[s] for s, r in zip(op.srcs, op.input_regions(region, sizes))
-                     if isinstance(op, Conv) or s in stored)
+        copies = sum(area(want) * channels[src] for src, want in zip(op.srcs, op.input_regions(region, sizes))
+                     if (copies_stored and src in stored) or (isinstance(op, Conv) and op.pads_a_copy(region, sizes)))
+        if half and isinstance(op, Norm):
+            copies += 2 * 2 * min(HALF_NORM_CHUNK, area(region) * channels[op.dst])  # fp32: two half elements each
         live[op.dst] = area(region) * channels[op.dst]
-        peak = max(peak, sum(live.values()) + padded)
+        peak = max(peak, sum(live.values()) + copies)
         for src in op.srcs:
             if last.get(src) == i and src in live and src not in targets:
                 del live[src]
-    return peak * batch * itemsize
+    return peak
+
+
+def _step_passes(step: Step, sizes: dict, tile: int) -> list[tuple[list, dict]]:
+    """The passes a step runs, as (ops, targets); a tiled step's at its largest tile."""
+    ops = list(step.ops)
+    if not step.tiled:
+        return [(ops, {name: full_region(sizes[name]) for name in step.outputs})]
+
+    def box(name):
+        return full_region((min(tile, sizes[name][0]), min(tile, sizes[name][1])))
+
+    passes = [(ops[: ops.index(norm)], {norm.srcs[0]: box(norm.srcs[0])}) for norm in step.norm_passes]
+    return passes + [(ops, {name: box(name)}) for name in step.outputs]
 
 
 def estimate_bytes(program: Program, size: tuple[int, int], batch: int, itemsize: int,
-                   strategies: tuple[str, ...], tile: int, weights: int, on_device_only: bool) -> int:
-    """Peak memory of running `program` with these strategies: stored tensors + working set, calibrated.
-    `on_device_only` (CUDA with host storage): count only what lives on the device in tiled levels."""
+                   strategies: tuple[str, ...], tile: int, weights: int, host_storage: bool) -> int:
+    """Peak memory of running `program` with these strategies, walking the executor's own `schedule`: the stored
+    full tensors plus the largest pass of each step, calibrated.
+
+    host_storage (CUDA): full tensors live in host memory; count what is on the device: the input, each pass's
+    temporaries (crops of stored tensors copied to it) and, at the end, the output."""
     sizes, channels = program.sizes(*size), program.channels()
-    full = {name: batch * itemsize * channels[name] * s[0] * s[1] for name, s in sizes.items()}
-    last = last_reads(program.ops)
-    last[program.output] = len(program.ops)
-    live = {program.input: full[program.input]}
-    peak, position = 0, 0
-    for level, strategy in zip(program.levels, strategies):
-        tiled = strategy != "untiled" and not level.untileable
-        count_stored = not (tiled and on_device_only)
-        if not tiled or strategy == "keep":
-            for op in level.ops:
-                work = 0
-                if tiled:
-                    tile_targets = {op.dst: full_region((min(tile, sizes[op.dst][0]), min(tile, sizes[op.dst][1])))}
-                    work = _pass_bytes([op], tile_targets, sizes, channels, batch, itemsize, set(op.srcs))
-                elif isinstance(op, Conv) and op.pad_lo != op.pad_hi:
-                    work = full[op.srcs[0]]  # the padded copy of the input
-                live[op.dst] = full[op.dst]
-                peak = max(peak, (sum(live.values()) if count_stored else 0) + work)
-                for src in op.srcs:
-                    if last.get(src) == position and src in live:
-                        del live[src]
-                position += 1
-        else:
-            stored = set(live)
-            work = 0
-            for i, op in enumerate(level.ops):
-                if isinstance(op, Norm) or i == len(level.ops) - 1:
-                    name = op.srcs[0] if isinstance(op, Norm) else op.dst
-                    box = (min(tile, sizes[name][0]), min(tile, sizes[name][1]))
-                    ops = level.ops[:i] if isinstance(op, Norm) else level.ops
-                    work = max(work, _pass_bytes(ops, {name: full_region(box)}, sizes, channels, batch, itemsize, stored))
-            outputs = [op.dst for op in level.ops if last.get(op.dst, -1) >= position + len(level.ops)
-                       or op.dst == program.output]
-            for name in outputs:
-                live[name] = full[name]
-            peak = max(peak, (sum(live.values()) if count_stored else 0) + work)
-            position += len(level.ops)
-            for name in list(live):
-                if last.get(name, -1) < position and name != program.output:
-                    del live[name]
-    return int(ESTIMATE_SLACK * peak) + weights + BASE_BYTES
+    full = {name: batch * itemsize * channels[name] * h * w for name, (h, w) in sizes.items()}
+    stored, peak = {program.input}, 0
+    for step in schedule(program, strategies):
+        work = batch * itemsize * max(_pass_elements(ops, targets, sizes, channels, stored, host_storage, itemsize < 4)
+                                      for ops, targets in _step_passes(step, sizes, tile))
+        if host_storage:  # the caller's input, and the output once it is copied back
+            held = full[program.input] + full[program.output]
+        else:  # an untiled pass holds its outputs among its temporaries; a tiled step writes them into full tensors
+            held = sum(full[name] for name in stored | (set(step.outputs) if step.tiled else set()))
+        peak = max(peak, held + work)
+        stored.update(step.outputs)
+        stored.difference_update(step.frees)
+    return int((CUDA_TILES_SLACK if host_storage else ESTIMATE_SLACK) * peak) + weights + BASE_BYTES
 
 
 def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32,
@@ -172,14 +170,15 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
     levels = program.levels
     all_untiled = ("untiled",) * len(levels)
 
-    def estimate(strategies, tile):
-        return estimate_bytes(program, size, batch, itemsize, strategies, tile, weights, on_cuda)
+    def estimate(strategies, tile, host_storage=on_cuda):
+        return estimate_bytes(program, size, batch, itemsize, strategies, tile, weights, host_storage)
 
     sizes, channels = program.sizes(*size), program.channels()
     too_big_untiled = [on_cuda and not level.untileable and max(
         channels[op.dst] * sizes[op.dst][0] * sizes[op.dst][1] for op in level.ops) >= CUDA_TILE_FROM_ELEMENTS
         for level in levels]
-    whole_bytes = int(estimate(all_untiled, 0) * WHOLE_IMAGE_FACTOR["cuda" if on_cuda else "cpu"])
+    # diffusers' forward keeps every tensor on the device: the all-untiled schedule with nothing on the host
+    whole_bytes = int(estimate(all_untiled, 0, host_storage=False) * WHOLE_IMAGE_FACTOR["cuda" if on_cuda else "cpu"])
     if tile_size is None and strategy is None and whole_bytes <= budget and not any(too_big_untiled):
         return CodingPlan(True, all_untiled, 0, whole_bytes, budget)
     tiles = (tile_size,) if tile_size is not None else TILE_SIZES
@@ -189,9 +188,10 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
     elif forced:
         options = ("keep", "recompute")
     else:
-        # On CPU "keep" holds what "untiled" holds, so it never helps. On CUDA it holds it in host memory, and the
+        # Fastest first. On CPU "keep" is slower than an untiled level and 2-3x faster than "recompute", at a peak
+        # between theirs (benchmarks/results/tiling_keep_cpu.md). On CUDA kept tensors live in host memory and the
         # copies cost more than recomputing (benchmarks/results/tiling_cuda.md): an expert's choice there.
-        options = ("untiled", "recompute")
+        options = ("untiled", "recompute") if on_cuda else ("untiled", "keep", "recompute")
     # On CUDA kept intermediates live in host memory: they must fit there too.
     host_budget = default_budget(torch.device("cpu")) if on_cuda and "keep" in options else None
     fixed = tuple("untiled" if s.untileable else options[-1] for s in levels)
@@ -202,23 +202,26 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
         return host_budget is None or "keep" not in strategies or estimate_bytes(
             program, size, batch, itemsize, strategies, tile, 0, False) <= host_budget
 
-    for tile in tiles:
-        if not fits(fixed, tile) and tile != tiles[-1]:
-            continue
+    def fastest(tile):  # level by level, the fastest strategy that keeps the peak in budget
         strategies = list(fixed)
-        for i, level in enumerate(levels):  # the fastest strategy per level that keeps the peak in budget
+        for i, level in enumerate(levels):
             for option in options[:-1] if not level.untileable else ():
-                if option == "untiled" and too_big_untiled[i]:
+                if (option == "untiled" and too_big_untiled[i]
+                        or option == "keep" and tile < KEEP_MIN_TILE and not forced):
                     continue
                 trial = tuple(strategies[:i]) + (option,) + tuple(strategies[i + 1 :])
                 if fits(trial, tile):
                     strategies[i] = option
                     break
-        strategies = tuple(strategies)
-        needed = estimate(strategies, tile)
-        if needed > budget and not forced:
-            raise ValueError(f"max_memory {_gib(budget)} is too small to {direction} a {batch}x{size[0]}x{size[1]} "
-                             f"input even in exact tiles (needs about {_gib(needed)}): raise it or use smaller "
-                             "batches")
-        return CodingPlan(False, strategies, tile, needed, budget)
-    raise AssertionError("unreachable")
+        return tuple(strategies)
+
+    # Every tile size whose slowest plan fits; the one whose plan recomputes fewest levels, then keeps fewest,
+    # then has the largest tiles (fewer halos). The smallest tile is tried even when nothing fits.
+    candidates = [(fastest(tile), tile) for tile in tiles if tile == tiles[-1] or fits(fixed, tile)]
+    fitting = [(s, tile) for s, tile in candidates if estimate(s, tile) <= budget] or candidates[-1:]
+    strategies, tile = min(fitting, key=lambda c: (c[0].count("recompute"), c[0].count("keep"), -c[1]))
+    needed = estimate(strategies, tile)
+    if needed > budget and not forced:
+        raise ValueError(f"max_memory {_gib(budget)} is too small to {direction} a {batch}x{size[0]}x{size[1]} "
+                         f"input even in exact tiles (needs about {_gib(needed)}): raise it or use smaller batches")
+    return CodingPlan(False, strategies, tile, needed, budget)
