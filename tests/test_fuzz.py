@@ -138,8 +138,10 @@ def test_any_option_value_keeps_the_promises(sandbox, data):
     flag = data.draw(st.sampled_from(sorted(COMMAND_OPTIONS[command])), label="flag")
     value = data.draw(option_values(COMMAND_OPTIONS[command][flag]), label="value")
     out = new_out(sandbox, ".png" if command == "interpolate" else "")
-    names = (flag, flag[2:], flag[2:].replace("-", "_"))
-    run_checked(sandbox, out, *base_argv(command, sandbox, out), f"{flag}={value}", names=names)
+    argv = base_argv(command, sandbox, out)
+    # the option, or the input it made fail (calibrate --max-pixels 1: none of the images in --data can be read)
+    names = (flag, flag[2:], flag[2:].replace("-", "_"), *(str(a) for a in argv if isinstance(a, Path)))
+    run_checked(sandbox, out, *argv, f"{flag}={value}", names=names)
 
 
 # -- files: model configs, ddconfigs, latent metadata ---------------------------------------------------------------

@@ -105,6 +105,14 @@ def test_a_bad_precompute_option_is_one_line_and_no_dataset_is_started(work, arg
     assert not changed_outside(before, snapshot(work))
 
 
+@pytest.mark.parametrize("argv", [["--max-pixels=--"], ["--out=--"], ["--model=--"]])
+def test_a_flag_given_the_end_of_options_marker_is_one_line(work, argv):
+    """argparse reads `--flag=--` as an empty list without calling the flag's parser (found by test_fuzz)."""
+    code, _, err = run_cli("encode", work / "photos" / "a.png", "--out", work / "out", *MODEL, *argv)
+    check_promises(code, err)
+    assert code == EXIT_BAD_INPUT and f"argument {argv[0].split('=')[0]}: expected one value" in one_error(err)
+
+
 def test_the_python_api_checks_options_with_the_same_parsers():
     with pytest.raises(ValueError, match="max_upscale must be a finite number"):
         PrecomputeOptions(max_upscale=float("nan")).validate()

@@ -48,6 +48,15 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(self.prog, f"{printable(message)} (see {self.prog} --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # argparse reads `--flag=--` as an empty list, without calling the flag's type: refuse it as a missing value
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if isinstance(action, argparse._StoreAction) and action.nargs is None and isinstance(value, list):
+                self.error(f"argument {'/'.join(action.option_strings) or action.dest}: expected one value, got '--'")
+        return namespace, extras
+
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
     group = parser.add_argument_group("model")
