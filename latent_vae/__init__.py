@@ -23,6 +23,7 @@ _EXPORTS = {
     "save_vae": "model",
     "DEFAULT_PRESET": "presets", "PRESETS": "presets", "VAEPreset": "presets", "get_preset": "presets",
     "ResidualAutoencoderKL": "residual",
+    "fp16_safe": "fp16", "save_fp16_safe": "fp16",
     "LatentNormalization": "stats", "calibrate": "stats",
     "CodingPlan": "tiling", "enable_exact_tiling": "tiling", "plan_coding": "tiling",
 }

@@ -16,6 +16,7 @@ from PIL import Image
 
 from .dtypes import SHORT_NAMES, resolve_dtype
 from .errors import NonFiniteError
+from .fp16 import fix_advice
 from .images import (
     ImageInput,
     as_image_tensors,
@@ -24,7 +25,7 @@ from .images import (
     tensor_to_pil,
     tensor_to_uint8,
 )
-from .model import GROUPNORM_EPS_KEY, function_fingerprints, load_vae, model_fingerprint
+from .model import function_fingerprints, load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
 from .tiling import CodingPlan, decode_exact, encode_exact, parse_memory, plan_coding
@@ -277,11 +278,7 @@ class LatentCodec:
             else "the weights or the input contain NaN/inf"
         )
         if self.dtype == torch.float16:  # fp16 overflow is a property of the weights: `latent_vae.fp16` removes it
-            model = self.vae.config.get("_name_or_path") or "MODEL"
-            advice += (f", or rescale the model once into fp16's range with the same function: `latent-vae fp16-fix "
-                       f"--model {model} --data IMAGES --out FIXED`, then use FIXED")
-            if self.vae.config.get(GROUPNORM_EPS_KEY):
-                advice += " (this model was rescaled already: calibrate on larger images or with more --headroom)"
+            advice += f", or {fix_advice(self.vae)}"
         raise NonFiniteError(f"NaN or inf while {stage} in {name}: {advice}")
 
 

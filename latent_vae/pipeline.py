@@ -22,6 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from .codec import NonFiniteError
+from .fp16 import fix_advice
 from .presets import downsampling_factor
 from .stats import LatentNormalization
 
@@ -163,7 +164,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         raw = self.normalization.denormalize(latents.float()).to(self.vae.dtype)
         images = self.vae.decode(raw).sample.float()
         if not torch.isfinite(images).all():
-            raise NonFiniteError("NaN or inf in the decoded images: run the VAE in fp32 (or bf16)")
+            fix = f", or {fix_advice(self.vae)}" if self.vae.dtype == torch.float16 else ""
+            raise NonFiniteError(f"NaN or inf in the decoded images: run the VAE in fp32 (or bf16){fix}")
         return images.clamp(-1.0, 1.0)
 
     @torch.no_grad()

@@ -210,6 +210,24 @@ def test_a_diffusers_pipeline_decodes_in_fp16_with_the_fixed_model(tmp_path):
     assert not finite(torch.from_numpy(images(source)))  # what the fix removes
 
 
+def test_the_projects_pipeline_decodes_in_fp16_with_the_fixed_model():
+    from latent_vae.errors import NonFiniteError
+    from latent_vae.pipeline import LatentDiffusionPipeline
+
+    fixed, source, _ = fixed_and_source("f16c16")
+
+    def generate(vae):
+        pipe = LatentDiffusionPipeline.from_vae(vae.half(), image_size=64, seed=0, block_out_channels=(16, 32),
+                                                layers_per_block=1, norm_num_groups=8)
+        pipe.unet.float()  # the UNet in fp32, the VAE in fp16: decode_latents casts the latents
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=1, num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
+
+    assert finite(generate(fixed))
+    with pytest.raises(NonFiniteError, match="latent-vae fp16-fix"):
+        generate(source)
+
+
 @pytest.mark.parametrize("name", ["f16c16", "ldm-attention", "residual-thumbnail"])
 def test_exact_tiling_in_fp16_equals_whole_within_fp16_rounding(name):
     """Tiled against whole, both fp16; the yardstick is the whole image in the other memory layout (the same
