@@ -47,7 +47,9 @@ td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 td.text, th.text { text-align: left; }
 tr.inactive td { color: #999; }
 .models { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
-.model { flex: 1 1 0; min-width: 360px; }
+.model { flex: 1 1 0; min-width: 520px; }
+.model svg { max-width: 100%; height: auto; }
+.wide { overflow-x: auto; }
 .model h3 { margin: 8px 0; }
 img { max-width: 100%; image-rendering: auto; border: 1px solid #eee; }
 .note { background: #fff6d5; padding: 6px 10px; border-left: 4px solid #e0b000; }
@@ -144,7 +146,7 @@ def _channels(inspection: ModelInspection) -> str:
         cells = "".join(f"<td>{_number(v, 4) if abs(v or 0) < 1000 else f'{v:.3g}'}</td>" for v in values)
         rows.append(f'<tr class="{"" if stats.active[c] else "inactive"}"><td>{c}</td>'
                     f"<td>{_number(stats.active[c])}</td>{cells}</tr>")
-    return chart + "<table>" + head + "".join(rows) + "</table>"
+    return chart + '<div class="wide"><table>' + head + "".join(rows) + "</table></div>"
 
 
 def _picture(inspection: ModelInspection, key: str) -> str:
@@ -174,6 +176,11 @@ def _notes(inspection: ModelInspection) -> str:
     if description["normalization_neutral"]:
         notes.append("normalisation is neutral (scale 1, shift 0): the latent statistics are the raw network's; "
                      "`latent-vae calibrate` measures the constants a diffusion model needs")
+    stats = inspection.channels
+    noisy = [c for c, active in enumerate(stats.active) if active and stats.posterior_std_normalised[c] > stats.std[c]]
+    if noisy:
+        notes.append(f"the posterior's std is above the latent's own std in active channels {noisy}: a posterior "
+                     "sample (encode with sample=True) is mostly noise there; the mode (the default) is not")
     if not inspection.numbers["scale_equivariance"]:
         notes.append("scale equivariance not measured: the latent is too small to downsample (use a larger --resolution)")
     return "".join(f'<p class="note">{escape(n)}</p>' for n in notes)

@@ -136,7 +136,9 @@ class ChannelStats:
     mean: list[float]  # of the normalised latent (what a diffusion model sees)
     std: list[float]  # of the normalised latent
     kl: list[float]  # nats per latent value, raw posterior against N(0, 1)
-    posterior_std: list[float]  # sqrt of the posterior variance, raw units, mean over values
+    # sqrt of the posterior variance, raw units: the geometric mean over values (exp of half the mean log-variance),
+    # which a few positions of extreme log-variance (an encoder outside its training data) do not dominate
+    posterior_std: list[float]
     posterior_std_normalised: list[float]  # the same through the normalisation: noise in a diffusion model's units
     activity: list[float]  # `channel_activity`
     active: list[bool]  # activity above ACTIVE_THRESHOLD
@@ -162,8 +164,8 @@ def channel_stats(normalised: torch.Tensor, mean: torch.Tensor, logvar: torch.Te
     return ChannelStats(
         mean=per_channel(z).mean(1).tolist(), std=per_channel(z).std(1, unbiased=False).tolist(),
         kl=per_channel(gaussian_kl(mean64, logvar64)).mean(1).tolist(),
-        posterior_std=per_channel(std).mean(1).tolist(),
-        posterior_std_normalised=per_channel(std_normalised.to(torch.float64)).mean(1).tolist(),
+        posterior_std=per_channel(std).log().mean(1).exp().tolist(),
+        posterior_std_normalised=per_channel(std_normalised.to(torch.float64).abs()).log().mean(1).exp().tolist(),
         activity=activity.tolist(), active=(activity > threshold).tolist(), high_frequency_share=shares,
     )
 

@@ -11,6 +11,7 @@ from html import escape
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 WIDTH, HEIGHT = 560, 320
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 28, 48
+LEGEND_LINE = 16
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,11 @@ def _format(value: float) -> str:
     return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.0e}"
 
 
-def _frame(title: str, x_label: str, y_label: str) -> list[str]:
+def _frame(title: str, x_label: str, y_label: str, extra_height: int = 0) -> list[str]:
+    """The SVG element, title, axis labels and plot box; `extra_height` pixels below for a legend."""
+    height = HEIGHT + extra_height
     return [
-        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" '
          'font-family="sans-serif" font-size="11">'),
         f'<text x="{WIDTH / 2}" y="16" text-anchor="middle" font-size="13">{escape(title)}</text>',
         f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 8}" text-anchor="middle">{escape(x_label)}</text>',
@@ -70,7 +73,7 @@ def line_plot(series: Sequence[Series], *, title: str, x_label: str, y_label: st
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     px = lambda x: LEFT + (x - x_low) / (x_high - x_low) * plot_w
     py = lambda y: TOP + (1 - (y - y_low) / (y_high - y_low)) * plot_h
-    parts = _frame(title, x_label, y_label)
+    parts = _frame(title, x_label, y_label, extra_height=LEGEND_LINE * len(series) + 4)
     for tick in _ticks(x_low, x_high):
         parts.append(f'<line x1="{px(tick):.1f}" y1="{TOP + plot_h}" x2="{px(tick):.1f}" y2="{TOP + plot_h + 4}" '
                      f'stroke="#888"/><text x="{px(tick):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">'
@@ -89,10 +92,9 @@ def line_plot(series: Sequence[Series], *, title: str, x_label: str, y_label: st
         path = " ".join(f"{px(x):.1f},{py(transform(y)):.1f}" for x, y in zip(s.x, s.y) if not log_y or y > 0)
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
         parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
-        legend_y = TOP + 14 + 15 * i
-        parts.append(f'<line x1="{WIDTH - RIGHT - 190}" y1="{legend_y - 4}" x2="{WIDTH - RIGHT - 170}" '
-                     f'y2="{legend_y - 4}" stroke="{colour}" stroke-width="2"{dash}/>'
-                     f'<text x="{WIDTH - RIGHT - 165}" y="{legend_y}">{escape(s.label)}</text>')
+        legend_y = HEIGHT + LEGEND_LINE * (i + 1)  # below the plot: long labels keep the whole width
+        parts.append(f'<line x1="{LEFT}" y1="{legend_y - 4}" x2="{LEFT + 20}" y2="{legend_y - 4}" stroke="{colour}" '
+                     f'stroke-width="2"{dash}/><text x="{LEFT + 26}" y="{legend_y}">{escape(s.label)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -103,7 +105,10 @@ def bar_chart(values: Sequence[float], labels: Sequence[str], *, title: str, y_l
     shown = [v for v in values if not log_y or v > 0] + ([threshold[0]] if threshold else [])
     transform = (lambda v: math.log10(v)) if log_y else (lambda v: v)
     if log_y:
+        # a decade below the threshold at least, so that the threshold line is not the axis itself
         low = math.floor(min(transform(v) for v in shown)) if shown else -1
+        if threshold is not None:
+            low = min(low, math.floor(transform(threshold[0])) - 1)
         high = math.ceil(max(transform(v) for v in shown)) if shown else 0
         high = max(high, low + 1)
     else:

@@ -103,6 +103,18 @@ def test_untrained_thumbnail_code_leaves_its_unused_channels_inactive_and_its_lu
     assert all(share is None for share in stats.high_frequency_share[luma + 2 :])
 
 
+def test_posterior_std_is_the_geometric_mean_and_goes_through_the_normalisation():
+    mean = torch.zeros(2, 2, 4, 4)
+    logvar = torch.full_like(mean, math.log(4.0))  # std 2 everywhere in channel 0 ...
+    logvar[:, 1] = math.log(4.0)
+    logvar[0, 1, 0, 0] = 20.0  # ... and in channel 1 but at one position, which barely moves a geometric mean
+    stats = channel_stats(mean, mean, logvar, normalised_std=lambda std: 3 * std)
+    assert stats.posterior_std[0] == pytest.approx(2.0, rel=1e-6)
+    assert stats.posterior_std_normalised[0] == pytest.approx(6.0, rel=1e-6)
+    expected = math.exp((31 * math.log(2.0) + 10.0) / 32)  # exp of the mean of log std
+    assert stats.posterior_std[1] == pytest.approx(expected, rel=1e-6)
+
+
 def test_kl_of_a_standard_normal_posterior_is_zero_and_matches_torch_otherwise():
     zeros = torch.zeros(2, 4, 3, 3, dtype=torch.float64)
     assert torch.equal(gaussian_kl(zeros, zeros), zeros)

@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import left_by_dead_process
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, input_failure
 from ..images import centre_square, load_image, pil_to_tensor, scan_images
 from ..inspect_html import FIGURES, REPORT_FILES
 from ..presets import PRESETS
 from ..values import Integer
-from .common import add_image_arguments, add_model_arguments, max_pixels
+from .common import add_image_arguments, add_model_arguments, check_output_folder, max_pixels
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -45,17 +44,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_image_arguments(p)
     add_model_arguments(p, default=None)
     p.set_defaults(func=run_inspect)
-
-
-def check_out_folder(out: Path) -> None:
-    """Refuse, before any work, an --out that is a file or a folder holding anything but an earlier report."""
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out}: exists and is not a folder")
-    if out.is_dir():
-        other = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES and not left_by_dead_process(p))
-        if other:
-            shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
-            raise CommandError(f"--out {out}: a folder that holds other files ({shown}); give a new or empty folder")
 
 
 def open_model(source: str, args: argparse.Namespace):
@@ -106,8 +94,7 @@ def summary_line(label: str, numbers: dict) -> str:
 def run_inspect(args: argparse.Namespace) -> int:
     if args.max_images == 1:
         raise CommandError("--max-images must be 0 (all) or an integer of at least 2, got 1")
-    out = Path(args.out)
-    check_out_folder(out)
+    out = check_output_folder(args.out, "an inspect report", lambda entry: entry.name in REPORT_FILES)
     if not Path(args.data).is_dir():
         raise CommandError(f"--data {args.data}: not a folder of images")
     sources = [args.model] + ([args.compare] if args.compare else [])
