@@ -15,7 +15,8 @@ statistics and attention see the whole image), and fp16 convolutions sum many pr
 are only ever scaled down: fp16's relative precision is the same across its range, so a stage that fits gains
 nothing from moving, and a model that already fits comes back unchanged. The posterior moments (the latent), the
 decoder's input and the decoded image are never scaled, nor attention's queries, keys and values; if one of them
-does not fit, the model is refused, as is any layer the transform cannot prove scale-invariant.
+overflows fp16 the model is refused (one above the limit but inside fp16 is a warning in the report), as is any
+layer the transform cannot prove scale-invariant.
 
 The scaled GroupNorm eps values are recorded in the config (`latent_vae.model.GROUPNORM_EPS_KEY`; a private
 key, which diffusers keeps through save and load and passes to no constructor), and `load_vae` applies them: exact.
@@ -74,6 +75,11 @@ class Fp16Report:
     def changed(self) -> bool:
         return any(stage.factor != 1 for stage in self.stages)
 
+    @property
+    def tight(self) -> list[Stage]:
+        """Fixed stages that fit fp16 but peak above the limit: the transform may not rescale them."""
+        return [stage for stage in self.stages if stage.peak_after > self.limit]
+
     def table(self) -> str:
         """The per-stage table the CLI prints: peaks before and after against fp16's largest value."""
         header = ("stage", "kind", "peak before", "peak after", "after/65504", "factor")
@@ -92,7 +98,9 @@ class Fp16Report:
                 f"peaks at most {self.limit:.0f} (65504 / headroom {self.headroom:g}); "
                 f"weights under fp16's smallest normal {before} -> {after} of {self.weights}; "
                 f"loaded without the recorded eps (plain diffusers) a normalised value moves at most "
-                f"{self.plain_load_eps_error:.1e} (relative)")
+                f"{self.plain_load_eps_error:.1e} (relative)"
+                + "".join(f"; warning: {stage.label} ({stage.fixed_because}) peaks at {stage.peak_after:.3g}, inside "
+                          "fp16 but above the limit, and cannot be rescaled" for stage in self.tight))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "stages": [{**asdict(s), "label": s.label} for s in self.stages],
@@ -200,12 +208,14 @@ def _set_peaks(graph: StageGraph, recorder: _Recorder, limit: float) -> list[Sta
             stage.peak_before, stage.peak_at = peak, name
     for stage in stages:
         stage.factor = scale_down_factor(stage.peak_before, limit) if stage.free else 1.0
-    stuck = [stage for stage in stages if stage.kind == FIXED and stage.peak_before > limit]
+    # A fixed stage that overflows fp16 makes the model unfixable; one that only eats into the headroom is
+    # reported (Fp16Report.tight), since fp16 still runs it.
+    stuck = [stage for stage in stages if stage.kind == FIXED and stage.peak_before > FP16_MAX]
     if stuck:
         stage = stuck[0]
         raise Fp16FixError(
-            f"{stage.label} peaks at {stage.peak_before:.3g} (at {stage.peak_at}), above {limit:.0f} (65504 / headroom "
-            f"{FP16_MAX / limit:g}), and cannot be rescaled: it is {stage.fixed_because}"
+            f"{stage.label} peaks at {stage.peak_before:.3g} (at {stage.peak_at}), beyond fp16's 65504, and cannot "
+            f"be rescaled: it is {stage.fixed_because}"
             + (f" ({len(stuck) - 1} more such stage(s))" if len(stuck) > 1 else ""))
     return stages
 

@@ -52,12 +52,15 @@ FAMILIES = {
     "f16c16": (lambda: build_vae("f16c16-tiny", seed=None), 64),
     "f8c4": (lambda: build_vae("f8c4-tiny", seed=None), 32),
     "f8c16": (lambda: build_vae("f8c16-tiny", seed=None), 32),
+    # FLUX's VAE has neither quant_conv nor post_quant_conv
+    "flux-layout": (lambda: AutoencoderKL(**{**get_preset("f8c16-tiny").diffusers_config(), "use_quant_conv": False,
+                                              "use_post_quant_conv": False}), 32),
     "ldm-attention": (ldm_with_attention_levels, 32),
     "residual-global": (lambda: residual("global"), 32),
     "residual-stage": (lambda: residual("stage"), 32),
     "residual-thumbnail": (lambda: residual("thumbnail"), 32),
 }
-PLAIN = ("f16c16", "f8c4", "f8c16", "ldm-attention")
+PLAIN = ("f16c16", "f8c4", "f8c16", "flux-layout", "ldm-attention")
 
 
 def overflowing_pair(vae: AutoencoderKL) -> tuple[AutoencoderKL, AutoencoderKL]:
@@ -297,6 +300,15 @@ def test_an_unknown_model_class_is_refused():
 
     with pytest.raises(Fp16FixError, match="MyVAE"):
         fp16_safe(MyVAE(**get_preset("f16c16-tiny").diffusers_config()), smooth(1, 32, 32))
+
+
+def test_a_fixed_stage_inside_fp16_but_above_the_limit_is_a_warning():
+    vae = build_vae("f16c16-tiny", seed=0)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(2.0**12)  # the decoded image peaks in the thousands: inside fp16
+    report = fp16_safe(vae, smooth(1, 32, 32))
+    assert [stage.name for stage in report.tight] == ["decoder.conv_out"]
+    assert "warning: decoder.conv_out (the decoded image)" in report.summary()
 
 
 def test_a_fixed_stage_that_does_not_fit_is_refused_naming_it():
