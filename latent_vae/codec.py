@@ -25,7 +25,7 @@ from .images import (
     tensor_to_pil,
     tensor_to_uint8,
 )
-from .model import function_fingerprints, load_vae, model_fingerprint
+from .model import apply_groupnorm_eps, function_fingerprints, load_vae, model_fingerprint
 from .presets import downsampling_factor
 from .stats import LatentNormalization, write_normalization
 from .tiling import CodingPlan, decode_exact, encode_exact, parse_memory, plan_coding
@@ -93,6 +93,7 @@ class LatentCodec:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        apply_groupnorm_eps(vae)  # a model rescaled for fp16 but loaded by plain diffusers gets its exact eps back
         self.fingerprint = model_fingerprint(vae)  # of the weights as given, before any cast
         # the latents this codec reads as its own: its model's, and those of models with the same function
         self.fingerprints = function_fingerprints(vae)

@@ -177,6 +177,9 @@ def test_the_saved_folder_loads_keeps_normalisation_and_lineage(family, tmp_path
         half = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float16)
         with torch.no_grad():
             assert finite(half.decode(source[0].half()).sample)
+        # handed to the codec, a plain-loaded model gets its exact eps back: the fixed model's fingerprint
+        assert LatentCodec(plain).fingerprint == model_fingerprint(family.fixed)
+        assert {m.eps for m in plain.modules() if isinstance(m, nn.GroupNorm)} != {1e-6}
     else:
         with pytest.raises(ValueError):  # the shortcut's block types guard against a plain load
             AutoencoderKL.from_pretrained(folder)
