@@ -1,20 +1,25 @@
 """Exact tiling against whole-image coding and diffusers' `enable_tiling()`: error, time, peak memory.
 
 Every case runs in a fresh subprocess (so that peak resident sets do not mix) on the same weights and input:
-- `whole`: the untiled path (`vae._encode` / `vae._decode`) in the codec's CPU layout (channels_last), the reference;
-- `layout`: the same untiled path in the other memory layout (contiguous NCHW): the same function in another
-  fp32 summation order, the yardstick for "exact";
-- `keep` / `recompute`: this project's exact tiles (`latent_vae.tiling`), every tileable segment forced to
+- `whole`: whole-image coding, diffusers' own forward (`vae._encode` / `vae._decode`) in the codec's CPU layout
+  (channels_last), the reference;
+- `layout`: the same whole-image forward in the other memory layout (contiguous NCHW): the same function in
+  another fp32 summation order, the yardstick for "exact";
+- `keep` / `recompute`: this project's exact tiles (`latent_vae.tiling`), every tileable level forced to
   that strategy, tiles of `--tile-size`;
 - `budget`: what `plan_coding` picks for `--max-memory`;
 - `diffusers`: `vae.enable_tiling()` with 512-pixel tiles and its default 25% overlap (blended).
 The errors are max and mean |x - whole| (decoded images in [-1, 1], or posterior moments) and the relative L2
-error. Weights are each preset's fresh random weights (seed 0) unless `--model` names trained ones: random
-weights exaggerate diffusers' error (its per-tile GroupNorm statistics differ more), not this project's.
+error. Time is wall seconds and, on CPU, the case process's CPU seconds (user + system), which the load of a
+shared machine moves much less; a method may be listed twice (`--methods whole keep whole keep`), each row then
+compared with the `whole` row before it. Weights are each preset's fresh random weights (seed 0) unless
+`--model` names trained ones: random weights exaggerate diffusers' error (its per-tile GroupNorm statistics
+differ more), not this project's.
 
     python -m benchmarks.tiling                          # f16c16 and f8c4 at 1024 and 2048, CPU
     python -m benchmarks.tiling --decode-4096            # f16c16: 16x256x256 -> 4096x4096 in a 7 GiB budget
     python -m benchmarks.tiling --device cuda --dtype bf16 --sizes 4096 8192
+    python -m benchmarks.tiling --threads 1 --directions decode --methods whole keep whole keep  # two rounds
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -55,6 +61,12 @@ def _input(direction: str, vae, size: int, seed: int, image: str | None) -> torc
     return torch.rand(1, 3, size, size, generator=generator) * 2 - 1
 
 
+def _cpu_seconds() -> float:
+    """CPU time this process has used (user + system): on a shared machine it varies much less than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_case(args: argparse.Namespace) -> None:
     """One case in this process: prints one JSON line (seconds, peak RSS, plan) and saves the output."""
     from safetensors.torch import save_file
@@ -84,7 +96,7 @@ def run_case(args: argparse.Namespace) -> None:
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
     with torch.inference_mode():
         if plan is not None and not plan.whole:
             out = (encode_exact if args.direction == "encode" else decode_exact)(vae, x, plan)
@@ -93,12 +105,12 @@ def run_case(args: argparse.Namespace) -> None:
         else:
             out = vae._decode(x).sample
         synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - start_cpu
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if args.out:
         save_file({"out": out.float().contiguous().cpu()}, args.out)
-    print(json.dumps({"seconds": seconds, "peak_mib": peak, "rss_before_mib": base_rss,
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": peak, "rss_before_mib": base_rss,
                       "plan": plan.describe() if plan else ("diffusers tiles" if args.method == "diffusers" else
                                                              "whole image"),
                       "strategies": list(plan.strategies) if plan else None}))
@@ -180,8 +192,8 @@ def main(args: argparse.Namespace) -> None:
                                    tile_size=args.tile_size, max_memory=args.max_memory, image=args.image,
                                    out=path)
                     row = {"model": preset, "size": size, "direction": direction, "method": method,
-                           "seconds": result.get("seconds"), "peak_MiB": result.get("peak_mib"),
-                           "plan": result.get("plan", result.get("error"))}
+                           "seconds": result.get("seconds"), "cpu_seconds": result.get("cpu_seconds"),
+                           "peak_MiB": result.get("peak_mib"), "plan": result.get("plan", result.get("error"))}
                     if "error" not in result:
                         outputs[method] = _load(path)
                         path.unlink()
@@ -190,6 +202,8 @@ def main(args: argparse.Namespace) -> None:
                     if "whole" in outputs and row.get("seconds") and method != "whole":
                         whole_row = next(r for r in rows[::-1] if r["method"] == "whole")
                         row["x_whole_time"] = row["seconds"] / whole_row["seconds"] if whole_row["seconds"] else None
+                        if row.get("cpu_seconds") and whole_row.get("cpu_seconds"):
+                            row["x_whole_cpu"] = row["cpu_seconds"] / whole_row["cpu_seconds"]
                     rows.append(row)
                     print(row, flush=True)
                     write(args, device, rows)  # after every case, so that a cut-short run still leaves its rows
@@ -208,15 +222,22 @@ def _peak_meaning(device: torch.device) -> str:
     return "the process's peak resident set (model and input included)"
 
 
+def command_line() -> str:
+    """How this run was started, for its results file."""
+    return shlex.join(["python", "-m", "benchmarks.tiling", *sys.argv[1:]])
+
+
 def write(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
-    notes = (f"{device_label(device)}, {args.dtype}. Exact tiles: {args.tile_size}-px tiles, every tileable segment "
+    notes = (f"{device_label(device)}, {args.dtype}. Exact tiles: {args.tile_size}-px tiles, every tileable level "
              f"forced to keep or recompute; diffusers: enable_tiling() with {DIFFUSERS_TILE}-px tiles, 25% overlap. "
              f"Weights: {args.model_note}. Each case a fresh process; peak = {_peak_meaning(device)}. "
-             + ("The CPU is shared with other jobs: compare times within this run only." if device.type == "cpu"
+             + ("The CPU is shared with other jobs: compare times within this run only; cpu_seconds (the case "
+                "process's user + system time) varies less with the load than seconds." if device.type == "cpu"
                 else "Times include the host copies of kept tiles, not process start-up or model loading."))
-    write_results(result_name(args.name, device), rows, notes=notes,
-                  columns=["model", "size", "direction", "method", "seconds", "x_whole_time", "peak_MiB", "max_err",
-                           "mean_err", "rel_l2", "plan"])
+    write_results(result_name(args.name, device), rows, notes=f"{notes} Command: `{command_line()}`.",
+                  extra={"command": command_line()},
+                  columns=["model", "size", "direction", "method", "seconds", "x_whole_time", "cpu_seconds",
+                           "x_whole_cpu", "peak_MiB", "max_err", "mean_err", "rel_l2", "plan"])
 
 
 def decode_4096(args: argparse.Namespace, device: torch.device) -> None:

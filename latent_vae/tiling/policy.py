@@ -188,9 +188,10 @@ def plan_coding(vae: nn.Module, direction: str, shape: tuple[int, ...], *, dtype
     elif forced:
         options = ("keep", "recompute")
     else:
-        # Fastest first. On CPU "keep" is slower than an untiled level and 2-3x faster than "recompute", at a peak
-        # between theirs (benchmarks/results/tiling_keep_cpu.md). On CUDA kept tensors live in host memory and the
-        # copies cost more than recomputing (benchmarks/results/tiling_cuda.md): an expert's choice there.
+        # Fastest first. On CPU "keep" is slower than an untiled level (benchmarks/results/tiling_keep_cpu.md) and
+        # faster than "recompute" (tiling.md, tiling_encode.md, tiling_demo_model.md), at a peak between theirs. On
+        # CUDA kept tensors live in host memory and the copies cost more than recomputing (tiling_cuda.md): an
+        # expert's choice there.
         options = ("untiled", "recompute") if on_cuda else ("untiled", "keep", "recompute")
     # On CUDA kept intermediates live in host memory: they must fit there too.
     host_budget = default_budget(torch.device("cpu")) if on_cuda and "keep" in options else None
