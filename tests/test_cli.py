@@ -126,6 +126,7 @@ def test_demo_writes_reconstructions_of_the_shipped_photos(tmp_path, capsys):
     assert "untrained" in err and "astronaut.png" in out
 
 
+@pytest.mark.slow
 def test_help_explains_every_command():
     result = subprocess.run([sys.executable, "-m", "latent_vae", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
@@ -133,6 +134,7 @@ def test_help_explains_every_command():
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_help_and_usage_errors_do_not_import_diffusers():
     """diffusers takes seconds to import: the parser must not need it (the commands import it when they run)."""
     probe = ("import sys; from latent_vae.cli import build_parser; import latent_vae; build_parser(); "

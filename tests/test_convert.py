@@ -391,6 +391,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "latent_vae", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_reports_truncated_and_foreign_files_in_one_line_without_a_traceback(tmp_path, capsys):
     torch.save(lightning_checkpoint(reference("attn-inner")), tmp_path / "model.ckpt")
     data = (tmp_path / "model.ckpt").read_bytes()

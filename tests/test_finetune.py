@@ -32,6 +32,7 @@ def ldm_model() -> LDMAutoencoder:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_converted_model_codes_calibrates_precomputes_and_fine_tunes_with_a_frozen_encoder(
         ldm_model, image_folder, tmp_path, capsys):

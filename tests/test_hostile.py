@@ -362,6 +362,7 @@ def test_unreadable_subfolders_are_reported_by_calibrate(tmp_path, capsys, photo
     assert json.loads(out.splitlines()[0])["images"] == 3
 
 
+@pytest.mark.slow
 def test_no_traceback_reaches_a_script_that_runs_the_command(tmp_path, photos):
     (tmp_path / "bomb.png").write_bytes(bomb_png())
     result = subprocess.run(
@@ -476,6 +477,7 @@ def test_training_reports_an_unreadable_subfolder(tmp_path, capsys, train_images
     assert f"skipped folder {locked}: cannot read (Permission denied)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_with_a_model_that_does_not_exist_exits_2_without_a_traceback(tmp_path, train_images):
     result = subprocess.run(
         [sys.executable, "-m", "training.train_vae", "--config", "tiny_test", "--data", str(train_images),

@@ -121,6 +121,7 @@ def test_folder_round_trip_matches_codec(model_dir, codec, folder, tmp_path):
     assert image.size == (RES, RES)
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_bf16_storage_sampling_and_workers(model_dir, codec, folder, tmp_path):
     out = tmp_path / "latents"
@@ -317,6 +318,7 @@ def test_other_model_resolution_or_settings_are_refused(model_dir, folder, tmp_p
         precompute_latents(str(model_dir), folder, tmp_path / "occupied", resolution=RES, **FAST)
 
 
+@pytest.mark.slow
 def test_interrupted_dataset_is_refused_then_completed_exactly_once(model_dir, folder, tmp_path):
     out = tmp_path / "latents"
     random_image(8, 8, 0).save(folder / "tiny.png")  # a failure, which must not be listed twice either

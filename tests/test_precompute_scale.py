@@ -124,6 +124,7 @@ def test_tar_shards_give_one_output_shard_each_with_keys_captions_and_failures(m
         assert_close(unpack(got["mean"], shape, torch.float32), unpack(expected["mean"], shape, torch.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_bytes_parquet_and_a_streamed_dataset_give_the_tar_shards_rows(model_dir, tmp_path):
     samples = img2dataset_shards(tmp_path / "tars", shards=2)
@@ -169,6 +170,7 @@ def dead_pid() -> int:
     return int(done.stdout)
 
 
+@pytest.mark.slow
 def test_stale_claims_are_taken_over_and_live_ones_waited_for(model_dir, tmp_path):
     samples = img2dataset_shards(tmp_path / "tars", shards=4, per_shard=2)
     out = tmp_path / "latents"
@@ -222,6 +224,7 @@ def test_decode_threads_keep_a_shards_order_and_what_was_read_before_a_cut(tmp_p
     assert 0 < len(kept_before_cut) < 12 and [k for k, _, _ in one].count("failure") == 1
 
 
+@pytest.mark.slow
 def test_debris_of_a_run_killed_while_claiming_blocks_nothing(model_dir, tmp_path):
     # A kill between creating a claim and writing its owner used to leave an empty claim that every rerun
     # waited on for the whole claim timeout. Claims are now published whole; debris (empty, damaged) is stale,
@@ -256,6 +259,7 @@ def latent_dir(model_dir, tmp_path_factory) -> Path:
     return root / "latents"
 
 
+@pytest.mark.slow
 def test_load_latents_reads_in_place_without_a_cache(latent_dir, tmp_path, monkeypatch):
     cache = tmp_path / "hf_cache"
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
@@ -271,6 +275,7 @@ def test_load_latents_reads_in_place_without_a_cache(latent_dir, tmp_path, monke
     assert not cache.exists()
 
 
+@pytest.mark.slow
 def test_streaming_reads_every_row_once_over_two_ranks_and_two_workers(latent_dir):
     everything = load_latents(latent_dir, sample=False)
     keys = everything.column("key")
@@ -293,6 +298,7 @@ def test_streaming_reads_every_row_once_over_two_ranks_and_two_workers(latent_di
     assert_close(second[first[0]], everything[index]["latents"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing", ["encode_moments", "moment_rows"])  # the encoder (this thread), the writer thread
 def test_a_run_that_fails_leaves_nothing_that_blocks_the_next_run_in_the_same_process(model_dir, tmp_path,
                                                                                        monkeypatch, failing):

@@ -193,6 +193,7 @@ def test_bf16_autocast_trains_with_fp32_master_weights_and_fp16_on_cpu_is_refuse
         main(tiny(training_images, tmp_path / "fp16", mixed_precision="fp16"))
 
 
+@pytest.mark.slow
 def test_the_readme_demo_trains_then_scores_the_held_out_photo(tmp_path):
     """The main job end to end, for 3 steps: training on the shipped photos, the 1024x1024 evaluation, its images."""
     pytest.importorskip("skimage")
