@@ -41,7 +41,9 @@ HOSTILE = ["", " ", "0", "-0", "-1", "0.5", "1e3", "1e400", "-1e400", "nan", "Na
 hostile_text = st.one_of(
     st.sampled_from(HOSTILE),
     st.text(max_size=8),
-    st.integers(-(10**30), 10**30).map(str),
+    # out of every range: a valid size drawn here (a 20000-pixel --resolution) would be a long run, not a bad input
+    st.integers(-(10**30), 0).map(str),
+    st.integers(2**31, 10**30).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
 )
 
@@ -139,8 +141,8 @@ def test_any_option_value_keeps_the_promises(sandbox, data):
     value = data.draw(option_values(COMMAND_OPTIONS[command][flag]), label="value")
     out = new_out(sandbox, ".png" if command == "interpolate" else "")
     argv = base_argv(command, sandbox, out)
-    # the option, or the input it made fail (calibrate --max-pixels 1: none of the images in --data can be read)
-    names = (flag, flag[2:], flag[2:].replace("-", "_"), *(str(a) for a in argv if isinstance(a, Path)))
+    # the option, its value (a model name), or the input it made fail (calibrate --max-pixels 1: no image in --data)
+    names = (flag, flag[2:], flag[2:].replace("-", "_"), repr(value)[:30], *(str(a) for a in argv if isinstance(a, Path)))
     run_checked(sandbox, out, *argv, f"{flag}={value}", names=names)
 
 
