@@ -155,8 +155,10 @@ def test_torchrun_with_two_processes_stores_every_key_once_and_both_ranks_work(s
     processes on one node (gloo on CPU) share the shards of one --out."""
     model, images, good, bad = setup
     out = tmp_path / "latents"
+    # One image a shard (43 shards), so that a rank that starts a little late still finds shards left: ranks start
+    # without a barrier, and in so small a run one rank could otherwise take every shard.
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(free_port()), *command(model, images, out)]
+              "--master_port", str(free_port()), *command(model, images, out, "--batch-size", "1", "--shard-size", "1")]
     done = subprocess.run(launch, env=environment(), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 1, done.stderr[-3000:]  # 1: the three bad images, each named
     assert all(name in done.stderr for name in bad)
