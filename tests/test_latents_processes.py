@@ -171,14 +171,13 @@ def test_torchrun_with_two_processes_stores_every_key_once_and_both_ranks_work(s
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-@pytest.mark.numerics
 def test_two_nodes_on_localhost_equal_one_process(setup, tmp_path):
     model, images, good, bad = setup
     out, single = tmp_path / "nodes", tmp_path / "single"
     port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               *command(model, images, out, "--dtype", "fp32")],
+                               *command(model, images, out, "--dtype", "fp32", "--batch-size", "1", "--shard-size", "1")],
                               env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
     try:
