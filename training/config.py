@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -241,4 +242,11 @@ def _type_name(kind) -> str:
 
 def to_dict(config: TrainConfig) -> dict:
     return asdict(config)
+
+
+def to_hparams(config: TrainConfig) -> dict:
+    """The config as tracker hyperparameters: TensorBoard takes numbers, text and bools only, so a list such as
+    `scale_equivariance_factors` travels as its JSON text."""
+    plain = (int, float, str, bool, type(None))
+    return {k: v if isinstance(v, plain) else json.dumps(v) for k, v in to_dict(config).items()}
 

@@ -45,7 +45,7 @@ from latent_vae.metrics import psnr, ssim
 from latent_vae.presets import downsampling_factor
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, parse_args, to_dict
+from .config import TrainConfig, parse_args, to_dict, to_hparams
 from .data import CropDataset, ImageSource, hold_out, train_loader, validation_crops
 from .frozen_encoder import check_frozen_encoder, freeze_encoder
 from .losses import AutoencoderWithLoss, LossWeights, PatchDiscriminator
@@ -234,7 +234,7 @@ def start_outputs(config: TrainConfig, accelerator: Accelerator) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     if config.report_to != "none":
-        accelerator.init_trackers("train_vae", config=to_dict(config))
+        accelerator.init_trackers("train_vae", config=to_hparams(config))
 
 
 # -- during the run ---------------------------------------------------------------------------------
