@@ -41,7 +41,8 @@ def test_inspect_command_writes_both_models_and_names_an_unreadable_image(photo_
     assert len(json.loads((out / "report.json").read_text())["images"]) == 2
 
 
-@pytest.mark.parametrize("problem", ["out_is_a_file", "out_holds_other_files", "one_image", "resolution"])
+@pytest.mark.parametrize("problem", ["out_is_a_file", "out_holds_other_files", "one_image", "resolution",
+                                     "latent_too_small"])
 def test_inspect_command_refuses_before_work(problem, photo_folder, tmp_path, capsys):
     from latent_vae.cli import main
     from latent_vae.errors import EXIT_BAD_INPUT
@@ -57,8 +58,10 @@ def test_inspect_command_refuses_before_work(problem, photo_folder, tmp_path, ca
     elif problem == "one_image":
         for path in list(photo_folder.iterdir())[1:]:
             path.unlink()
-    else:
+    elif problem == "resolution":
         args[-3] = "72"  # not a multiple of the factor 16
+    else:
+        args[-3] = "32"  # a 2x2 latent: no spectrum rings above half Nyquist to measure
     assert main(args) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("latent-vae: error: ")]

@@ -91,6 +91,11 @@ def summary_line(label: str, numbers: dict) -> str:
             f"{numbers['channels']['active_count']} of {numbers['description']['latent_channels']} channels active")
 
 
+# The smallest latent side inspect measures: its spectrum needs rings below and above half Nyquist, and the
+# scale-equivariance check a latent that still has pixels after 2x pooling.
+MIN_LATENT_SIDE = 4
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     if args.max_images == 1:
         raise CommandError("--max-images must be 0 (all) or an integer of at least 2, got 1")
@@ -103,6 +108,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         if args.resolution % codec.downsampling_factor:
             raise CommandError(f"--resolution {args.resolution} must be a multiple of {source}'s downsampling "
                                f"factor {codec.downsampling_factor}")
+        if args.resolution // codec.downsampling_factor < MIN_LATENT_SIDE:  # a spectrum needs rings, 2x a pixel to pool
+            raise CommandError(f"--resolution {args.resolution} gives {source} a latent of "
+                               f"{args.resolution // codec.downsampling_factor} pixels a side; inspect needs at least "
+                               f"{MIN_LATENT_SIDE}: --resolution {MIN_LATENT_SIDE * codec.downsampling_factor} or more")
     images, names, failures = read_images(args)
 
     from ..inspect_html import write_report
