@@ -82,19 +82,20 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = D
 
 
 
-def open_codec(args: argparse.Namespace) -> LatentCodec:
+def open_codec(args: argparse.Namespace, source: str | None = None) -> LatentCodec:
+    """The codec of `source` (default `--model`) with the model arguments' device, precision and memory budget."""
     from ..codec import LatentCodec
 
+    source = args.model if source is None else source
     codec = LatentCodec.from_pretrained(
-        args.model, seed=args.seed, device=args.device, dtype=args.dtype,
+        source, seed=args.seed, device=args.device, dtype=args.dtype,
         max_batch_size=args.batch_size, max_memory=args.max_memory, tile_size=args.tile_size or None,
     )
-    if args.model in PRESETS:
-        print(
-            f"note: {args.model!r} is a preset: fresh, untrained weights, so reconstructions are noise. "
-            "Pass a trained model folder to see real results (`python -m training.demo` trains one).",
-            file=sys.stderr,
-        )
+    if source in PRESETS:
+        fresh = ("its untrained shortcut code, a working but untrained model" if PRESETS[source].shortcut
+                 else "untrained weights, so reconstructions are noise")
+        print(f"note: {source!r} is a preset: {fresh}, with a neutral normalisation. Pass a trained model folder to "
+              "see real results (`python -m training.demo` trains one).", file=sys.stderr)
     return codec
 
 

@@ -13,9 +13,8 @@ from tqdm.auto import tqdm
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, input_failure
 from ..images import centre_square, load_image, pil_to_tensor, scan_images
 from ..inspect_html import FIGURES, REPORT_FILES
-from ..presets import PRESETS
 from ..values import Integer
-from .common import add_image_arguments, add_model_arguments, check_output_folder, max_pixels
+from .common import add_image_arguments, add_model_arguments, check_output_folder, max_pixels, open_codec
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -44,18 +43,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_image_arguments(p)
     add_model_arguments(p, default=None)
     p.set_defaults(func=run_inspect)
-
-
-def open_model(source: str, args: argparse.Namespace):
-    from ..codec import LatentCodec
-
-    codec = LatentCodec.from_pretrained(source, seed=args.seed, device=args.device, dtype=args.dtype,
-                                        max_batch_size=args.batch_size, max_memory=args.max_memory,
-                                        tile_size=args.tile_size or None)
-    if source in PRESETS:
-        print(f"note: {source!r} is a preset: fresh weights (a shortcut preset's are its untrained code, a plain "
-              "one's are noise) and a neutral normalisation", file=sys.stderr)
-    return codec
 
 
 def read_images(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -103,7 +90,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if not Path(args.data).is_dir():
         raise CommandError(f"--data {args.data}: not a folder of images")
     sources = [args.model] + ([args.compare] if args.compare else [])
-    codecs = [open_model(source, args) for source in sources]
+    codecs = [open_codec(args, source) for source in sources]
     for source, codec in zip(sources, codecs):
         if args.resolution % codec.downsampling_factor:
             raise CommandError(f"--resolution {args.resolution} must be a multiple of {source}'s downsampling "
