@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import short_repr
+
 # Counts (images, steps, pixels, workers) above this are surely a typo, and some would overflow a C int later.
 MAX_COUNT = 2**31 - 1
 # A memory budget below this cannot hold one tile of any model: most likely a missing unit ("0.5" meant GB).
@@ -28,11 +30,6 @@ DEVICE_NAMES = "cpu, cuda, cuda:N, mps or auto"
 
 class BadValue(argparse.ArgumentTypeError, ValueError):
     """A value out of its range or of the wrong type; the message says what was wanted and what was given."""
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class Integer:
         if isinstance(value, int) and not isinstance(value, bool) or whole_float or digits:
             number = int(value)
         if number is None or not self.low <= number <= self.high:
-            raise BadValue(f"must be {self.describe()}, got {_shown(value)}")
+            raise BadValue(f"must be {self.describe()}, got {short_repr(value, 40)}")
         return number
 
     def describe(self) -> str:
@@ -83,7 +80,7 @@ class Real:
                 number = None
         above = number is not None and (number >= self.low if self.inclusive else number > self.low)
         if number is None or not math.isfinite(number) or not above or number > self.high:
-            raise BadValue(f"must be {self.describe()}, got {_shown(value)}")
+            raise BadValue(f"must be {self.describe()}, got {short_repr(value, 40)}")
         return number
 
     def describe(self) -> str:
@@ -118,12 +115,12 @@ def byte_size(value: Any, minimum: int = MIN_MEMORY) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})\s*([a-zA-Z]{0,3})\s*", str(value))
         if not match or match.group(2).lower() not in MEMORY_UNITS:
-            raise BadValue(f"must be {wanted}, got {_shown(value)}")
+            raise BadValue(f"must be {wanted}, got {short_repr(value, 40)}")
         number = float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()]
     if not math.isfinite(number) or number > MAX_MEMORY:
-        raise BadValue(f"must be {wanted} and at most 1 EiB, got {_shown(value)}")
+        raise BadValue(f"must be {wanted} and at most 1 EiB, got {short_repr(value, 40)}")
     if int(number) < minimum:
-        raise BadValue(f"must be at least {floor}, got {_shown(value)}: {int(number)} bytes, too little for any "
+        raise BadValue(f"must be at least {floor}, got {short_repr(value, 40)}: {int(number)} bytes, too little for any "
                        "model (a missing unit? 0.5GB)")
     return int(number)
 
@@ -136,18 +133,18 @@ def device(value: Any) -> str:
         return text
     match = re.fullmatch(r"(cuda|mps)(?::(\d{1,3}))?", text)
     if match is None:
-        raise BadValue(f"must be a device ({DEVICE_NAMES}), got {_shown(value)}")
+        raise BadValue(f"must be a device ({DEVICE_NAMES}), got {short_repr(value, 40)}")
     import torch
 
     kind, index = match.group(1), match.group(2)
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise BadValue(f"{_shown(value)}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
+            raise BadValue(f"{short_repr(value, 40)}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
         if index is not None and int(index) >= count:
-            raise BadValue(f"{_shown(value)}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            raise BadValue(f"{short_repr(value, 40)}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     elif not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise BadValue(f"{_shown(value)}: this machine has no MPS device; use cpu")
+        raise BadValue(f"{short_repr(value, 40)}: this machine has no MPS device; use cpu")
     return text
 
 

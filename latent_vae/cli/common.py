@@ -23,7 +23,7 @@ from ..errors import (
     input_failure,
     printable,
 )
-from ..images import DEFAULT_MAX_PIXELS
+from ..images import DEFAULT_MAX_PIXELS, scan_images
 from ..presets import DEFAULT_PRESET, PRESETS
 
 # diffusers (through ..codec and ..model) and torchmetrics (..metrics) are imported inside the commands that
@@ -80,6 +80,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = D
         help="expert: always code in exact tiles of this many pixels (default or 0: the budget decides)",
     )
 
+
+
+def find_images(data: str, limit: int = 0) -> tuple[list[Path], list[str]]:
+    """The image files under the folder `data` (the first `limit`; 0: all) and one failure line, printed as it
+    is found, per folder that could not be read; a CommandError when there is no image."""
+    scan = scan_images(data)
+    for line in scan.unreadable:
+        print(f"failed: {line}", file=sys.stderr)
+    paths = scan.files[: limit or None]
+    if not paths:
+        raise CommandError(f"{printable(str(data))}: no images found"
+                           + (" (some folders could not be read)" if scan.unreadable else ""))
+    return paths, list(scan.unreadable)
 
 
 def open_codec(args: argparse.Namespace, source: str | None = None) -> LatentCodec:

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from .. import values
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, input_failure, printable
-from ..images import centre_square, load_image, pil_to_tensor, scan_images
-from .common import add_image_arguments, max_pixels
+from ..images import centre_square, load_image, pil_to_tensor
+from .common import add_image_arguments, find_images, max_pixels
 from .models import check_model_output
 
 
@@ -68,14 +68,7 @@ def run_fp16_fix(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {printable(args.out)} is the --model folder: write the fixed model to a new folder "
                            "(latents made by the source keep decoding with either)")
     limit = max_pixels(args)
-    scan = scan_images(args.data)
-    failures = list(scan.unreadable)
-    for line in scan.unreadable:
-        print(f"failed: {line}", file=sys.stderr)
-    paths = scan.files[: args.limit or None]
-    if not paths:
-        raise CommandError(f"{printable(args.data)}: no images found"
-                           + (" (some folders could not be read)" if failures else ""))
+    paths, failures = find_images(args.data, args.limit)
     device = resolve_device(args.device)
     vae = load_vae(args.model, seed=args.seed)
     stage_graph(vae)  # a layer the transform cannot prove scale-invariant: refused before any image is read

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .. import values
 from ..atomic import atomic_directory, atomic_write_text
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, input_failure
-from ..images import centre_square, load_image, scan_images
+from ..images import centre_square, load_image
 from ..presets import DEFAULT_PRESET, downsampling_factor
 from ..stats import calibrate
 from .common import (
@@ -22,6 +22,7 @@ from .common import (
     add_model_arguments,
     check_output_file,
     check_output_folder,
+    find_images,
     max_pixels,
     open_codec,
 )
@@ -79,13 +80,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         check_model_output(args.out)
 
     limit = max_pixels(args)
-    scan = scan_images(args.data)
-    failures = list(scan.unreadable)
-    for line in scan.unreadable:
-        print(f"failed: {line}", file=sys.stderr)
-    paths = scan.files[: args.limit or None]
-    if not paths:
-        raise CommandError(f"{args.data}: no images found" + (" (some folders could not be read)" if failures else ""))
+    paths, failures = find_images(args.data, args.limit)
     codec = open_codec(args)
     images = []
     for path in tqdm(paths, desc="load", unit="img", disable=len(paths) < 2):
