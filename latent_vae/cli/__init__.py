@@ -1,4 +1,5 @@
-"""The `latent-vae` command line: encode, decode, reconstruct, calibrate, info, interpolate, demo, precompute, convert.
+"""The `latent-vae` command line: encode, decode, reconstruct, interpolate, demo, calibrate, info, convert, precompute,
+inspect, fp16-fix.
 
 Exit statuses (the same for every command): 0 everything done; 1 some inputs failed (each reported in one
 line naming it and the reason; every good input still written); 2 the command could not run at all (bad
