@@ -426,6 +426,8 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     fmt.create_or_check(out, info)
     clean_staging(out)
 
+    if state.num_processes > 1:  # ranks start claiming together: one that loads its model first takes no one's share
+        state.wait_for_everyone()
     names = info.input_shards
     done_before = sum(shard_state(out, n) == "complete" for n in names)
     order = shard_order(len(names), state.process_index, state.num_processes)
