@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from ..errors import (
     input_failure,
     printable,
 )
-from ..images import DEFAULT_MAX_PIXELS, scan_images
+from ..images import DEFAULT_MAX_PIXELS, centre_square, load_image, scan_images
 from ..presets import DEFAULT_PRESET, PRESETS
 
 # diffusers (through ..codec and ..model) and torchmetrics (..metrics) are imported inside the commands that
@@ -93,6 +93,20 @@ def find_images(data: str, limit: int = 0) -> tuple[list[Path], list[str]]:
         raise CommandError(f"{printable(str(data))}: no images found"
                            + (" (some folders could not be read)" if scan.unreadable else ""))
     return paths, list(scan.unreadable)
+
+
+def centre_squares(paths: Sequence[Path], resolution: int, limit: int | None, failures: list[str],
+                   description: str) -> Iterator[tuple[Path, Image.Image]]:
+    """(path, its centre square resized to `resolution`) for each readable image of `paths`, with a progress bar;
+    an unreadable one is reported in one line and added to `failures`, and the others go on."""
+    for path in tqdm(paths, desc=description, unit="img", disable=len(paths) < 2):
+        try:
+            image = load_image(path, max_pixels=limit)
+        except ImageError as error:  # load_image reports every reading fault (OSError included) as one
+            failures.append(input_failure(path, error))
+            tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
+            continue
+        yield path, centre_square(image, resolution)
 
 
 def open_codec(args: argparse.Namespace, source: str | None = None) -> LatentCodec:

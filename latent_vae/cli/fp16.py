@@ -7,12 +7,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .. import values
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, input_failure, printable
-from ..images import centre_square, load_image, pil_to_tensor
-from .common import add_image_arguments, find_images, max_pixels
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, printable
+from ..images import pil_to_tensor
+from .common import add_image_arguments, centre_squares, find_images, max_pixels
 from .models import check_model_output
 
 
@@ -76,15 +74,9 @@ def run_fp16_fix(args: argparse.Namespace) -> int:
 
     def samples():
         loaded = 0
-        for path in tqdm(paths, desc="calibrate", unit="img"):
-            try:
-                image = load_image(path, max_pixels=limit)
-            except ImageError as error:
-                failures.append(input_failure(path, error))
-                tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
-                continue
+        for _, square in centre_squares(paths, args.resolution, limit, failures, "calibrate"):
             loaded += 1
-            yield pil_to_tensor(centre_square(image, args.resolution))
+            yield pil_to_tensor(square)
         if not loaded:
             raise CommandError(f"{printable(args.data)}: none of the {len(paths)} images could be read")
 

@@ -8,13 +8,19 @@ import textwrap
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, input_failure
-from ..images import centre_square, load_image, pil_to_tensor, scan_images
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError
+from ..images import pil_to_tensor, scan_images
 from ..inspect_html import FIGURES, REPORT_FILES
 from ..values import Integer
-from .common import add_image_arguments, add_model_arguments, check_output_folder, max_pixels, open_codec
+from .common import (
+    add_image_arguments,
+    add_model_arguments,
+    centre_squares,
+    check_output_folder,
+    max_pixels,
+    open_codec,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -53,16 +59,11 @@ def read_images(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], list
     for line in scan.unreadable:
         print(f"failed: {line}", file=sys.stderr)
     tensors, names = [], []
-    for path in tqdm(scan.files, desc="read images", unit="img", disable=len(scan.files) < 2):
+    for path, square in centre_squares(scan.files, args.resolution, limit, failures, "read images"):
+        tensors.append(pil_to_tensor(square))
+        names.append(str(path.relative_to(args.data)))
         if args.max_images and len(tensors) == args.max_images:
             break
-        try:
-            tensors.append(pil_to_tensor(centre_square(load_image(path, max_pixels=limit), args.resolution)))
-        except (ImageError, OSError) as error:
-            failures.append(input_failure(path, error))
-            tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
-            continue
-        names.append(str(path.relative_to(args.data)))
     if len(tensors) < 2:
         raise CommandError(f"{args.data}: {len(tensors)} readable image(s); inspect compares at least 2")
     return torch.stack(tensors), names, failures

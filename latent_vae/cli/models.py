@@ -8,18 +8,17 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import values
 from ..atomic import atomic_directory, atomic_write_text
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, ImageError, input_failure
-from ..images import centre_square, load_image
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError
 from ..presets import DEFAULT_PRESET, downsampling_factor
 from ..stats import calibrate
 from .common import (
     MODEL_FILES,
     add_image_arguments,
     add_model_arguments,
+    centre_squares,
     check_output_file,
     check_output_folder,
     find_images,
@@ -82,16 +81,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     limit = max_pixels(args)
     paths, failures = find_images(args.data, args.limit)
     codec = open_codec(args)
-    images = []
-    for path in tqdm(paths, desc="load", unit="img", disable=len(paths) < 2):
-        try:
-            image = load_image(path, max_pixels=limit)
-        except ImageError as error:
-            failures.append(input_failure(path, error))
-            tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
-            continue
-        # one size for every image, so they batch: centre crop to a square, resize to --resolution
-        images.append(centre_square(image, args.resolution))
+    # one size for every image, so they batch: centre crop to a square, resize to --resolution
+    images = [square for _, square in centre_squares(paths, args.resolution, limit, failures, "load")]
     if not images:
         raise CommandError(f"{args.data}: none of the {len(paths)} images could be read")
     normalization = calibrate(codec, images, per_channel=args.per_channel)
