@@ -92,11 +92,11 @@ class Claims:
         try:
             holder = Owner(**{k: v for k, v in json.loads(content).items() if k in Owner.__dataclass_fields__})
         except (json.JSONDecodeError, TypeError, AttributeError):
-            return True, content  # claims are published whole, so this one is debris (a damaged disk, an old run)
-        # An earlier run of this very process (one that ended in an error, in a notebook) holds nothing any more.
-        earlier_run_here = (holder.host, holder.pid) == (self.owner.host, self.owner.pid) \
+            return True, content  # claims are published whole: one that does not parse is debris
+        # A run that ended inside this very process (after an error, in a notebook) holds nothing any more.
+        ended_run_here = (holder.host, holder.pid) == (self.owner.host, self.owner.pid) \
             and holder.run_id != self.owner.run_id
-        stale = time.time() - modified > self.timeout or earlier_run_here or not holder.alive()
+        stale = time.time() - modified > self.timeout or ended_run_here or not holder.alive()
         return stale, content
 
     def _take_over_if_stale(self, path: Path) -> bool:
