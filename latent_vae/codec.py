@@ -94,9 +94,10 @@ class LatentCodec:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         apply_groupnorm_eps(vae)  # a model rescaled for fp16 but loaded by plain diffusers gets its exact eps back
-        self.fingerprint = model_fingerprint(vae)  # of the weights as given, before any cast
-        # the latents this codec reads as its own: its model's, and those of models with the same function
+        # the latents this codec reads as its own: its model's (of the weights as given, before any cast), then
+        # those of models with the same function; one hash of the weights serves both
         self.fingerprints = function_fingerprints(vae)
+        self.fingerprint = self.fingerprints[0]
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.max_batch_size = max_batch_size
