@@ -9,7 +9,7 @@ Variants, all on the same weights and the same input:
   as pipelines call it (contiguous NCHW tensors);
 - `LatentCodec NCHW` and `LatentCodec NHWC`: the adapter with `channels_last` off and on (whole images
   wherever they fit the memory budget, so that all variants do the same arithmetic).
-  Both have its in-place resnet blocks (`latent_vae.codec._inplace_resnets`: the same operations, bit for
+  Both have its in-place resnet blocks (`latent_vae.codec.latent_codec._inplace_resnets`: the same operations, bit for
   bit, with fewer memory passes). The codec's default is NHWC on CPU and NCHW on CUDA, from these numbers.
 
     python -m benchmarks.codec_speed                                   # CPU, fp32: a few minutes
@@ -41,7 +41,7 @@ from benchmarks.report import (
     write_results,
 )
 from latent_vae import LatentCodec, build_vae
-from latent_vae.presets import downsampling_factor
+from latent_vae.models.presets import downsampling_factor
 
 NAME = "codec_speed"
 GOAL_RATIO, GOAL_PEAK, GOAL_RESOLUTION = 1.3, 0.85, 512

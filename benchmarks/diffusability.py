@@ -5,7 +5,7 @@ Both arms run `python -m training.demo` (training/configs/cpu_demo.json) with th
 count; a fixed step count rather than the demo's time budget, because on a shared machine a time budget gives
 the arm that happens to run beside less load more steps. `--parallel` runs the two side by side (one thread
 each, so that they see the same contention), otherwise one after the other. Then every model is measured by
-`latent_vae.inspect_report` on centre squares of the photos: the latent's high-frequency share (Skorokhodov et
+`latent_vae.inspection.report` on centre squares of the photos: the latent's high-frequency share (Skorokhodov et
 al. 2025), scale-equivariance PSNR and reconstruction PSNR, and the page `latent-vae inspect` draws is written
 to OUT/inspect/index.html.
 
@@ -27,10 +27,10 @@ import torch
 
 from benchmarks.report import photo_folder, write_results
 from latent_vae import LatentCodec
-from latent_vae.atomic import atomic_write_text
-from latent_vae.images import centre_square, find_images, load_image, pil_to_tensor
-from latent_vae.inspect_html import write_report
-from latent_vae.inspect_report import ModelInspection, inspect_codec
+from latent_vae.images.reading import centre_square, find_images, load_image, pil_to_tensor
+from latent_vae.inspection.html import write_report
+from latent_vae.inspection.report import ModelInspection, inspect_codec
+from latent_vae.utils.atomic import atomic_write_text
 
 NAME = "diffusability"
 CODE = "f16c16-small-thumb"  # the demo's preset: fresh zero-init weights are its untrained thumbnail code

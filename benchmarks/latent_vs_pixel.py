@@ -36,8 +36,8 @@ from benchmarks.report import (
     write_results,
 )
 from latent_vae import build_vae
+from latent_vae.models.presets import downsampling_factor
 from latent_vae.pipeline import LatentDiffusionPipeline, build_unet, train_step
-from latent_vae.presets import downsampling_factor
 
 CLAIM = 50.0  # "latent diffusion is ~50x faster than pixel diffusion"
 NAME = "latent_vs_pixel"

@@ -37,12 +37,12 @@ from PIL import Image
 
 from benchmarks.report import write_results
 from latent_vae import LatentCodec, build_vae, save_vae
-from latent_vae.dataset.encoding import prepare_image
-from latent_vae.dataset.format import read_manifests
-from latent_vae.dataset.options import PrecomputeOptions
-from latent_vae.dataset.sources import open_source
-from latent_vae.dataset.verify import verify_latents
-from latent_vae.images import load_image
+from latent_vae.images.reading import load_image
+from latent_vae.latents.encoding import prepare_image
+from latent_vae.latents.format import read_manifests
+from latent_vae.latents.options import PrecomputeOptions
+from latent_vae.latents.sources import open_source
+from latent_vae.latents.verify import verify_latents
 
 NAME = "precompute_scale"
 REPO = Path(__file__).resolve().parents[1]

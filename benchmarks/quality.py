@@ -23,9 +23,9 @@ import torch
 from benchmarks.measure import add_device_args, device_and_dtype, result_name
 from benchmarks.report import device_label, photo_folder, save_figure, write_results
 from latent_vae import LatentCodec, load_vae
-from latent_vae.images import find_images, load_image, pil_to_tensor
-from latent_vae.metrics import bicubic_equal_values, psnr, ssim
-from latent_vae.residual import untrained_code_model
+from latent_vae.images.metrics import bicubic_equal_values, psnr, ssim
+from latent_vae.images.reading import find_images, load_image, pil_to_tensor
+from latent_vae.models.residual import untrained_code_model
 
 NAME = "quality"
 

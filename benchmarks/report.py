@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from latent_vae.atomic import atomic_write_text
+from latent_vae.utils.atomic import atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

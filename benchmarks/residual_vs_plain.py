@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import RESULTS_DIR, photo_folder, write_results
-from latent_vae.images import load_image, pil_to_tensor
-from latent_vae.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
-from latent_vae.model import build_vae, count_parameters
-from latent_vae.presets import get_preset
+from latent_vae.images.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
+from latent_vae.images.reading import load_image, pil_to_tensor
+from latent_vae.models.loading import build_vae, count_parameters
+from latent_vae.models.presets import get_preset
 from training.data import center_crop
 
 EVAL_SIZE = 256
@@ -103,7 +103,7 @@ def build(arm: Arm, seed: int):
     spec = dataclasses.replace(spec, **changes)
     vae = build_vae(spec, seed=seed)
     if spec.shortcut is not None and not arm.zero_init:
-        from latent_vae.residual import ResidualAutoencoderKL
+        from latent_vae.models.residual import ResidualAutoencoderKL
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -5,7 +5,7 @@ Every case runs in a fresh subprocess (so that peak resident sets do not mix) on
   (channels_last), the reference;
 - `layout`: the same whole-image forward in the other memory layout (contiguous NCHW): the same function in
   another fp32 summation order, the yardstick for "exact";
-- `keep` / `recompute`: this project's exact tiles (`latent_vae.tiling`), every tileable level forced to
+- `keep` / `recompute`: this project's exact tiles (`latent_vae.codec.tiling`), every tileable level forced to
   that strategy, tiles of `--tile-size`;
 - `budget`: what `plan_coding` picks for `--max-memory`;
 - `diffusers`: `vae.enable_tiling()` with 512-pixel tiles and its default 25% overlap (blended).
@@ -46,7 +46,7 @@ DIFFUSERS_TILE = 512
 
 def _input(direction: str, vae, size: int, seed: int, image: str | None) -> torch.Tensor:
     """A photo (enlarged to size x size) to encode, or a fixed random latent to decode."""
-    from latent_vae.presets import downsampling_factor
+    from latent_vae.models.presets import downsampling_factor
 
     generator = torch.Generator().manual_seed(seed)
     if direction == "decode":
@@ -72,8 +72,8 @@ def run_case(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     from latent_vae import load_vae
-    from latent_vae.codec import _inplace_resnets
-    from latent_vae.tiling import decode_exact, encode_exact, plan_coding
+    from latent_vae.codec.latent_codec import _inplace_resnets
+    from latent_vae.codec.tiling import decode_exact, encode_exact, plan_coding
 
     device, dtype = device_and_dtype(args)
     vae = load_vae(args.model, seed=0).to(device, dtype).eval().requires_grad_(False)

@@ -21,8 +21,8 @@ from accelerate.state import AcceleratorState
 
 from benchmarks.report import photo_folder, write_results
 from latent_vae import LatentCodec
-from latent_vae.images import find_images, load_image
-from latent_vae.metrics import psnr, ssim
+from latent_vae.images.metrics import psnr, ssim
+from latent_vae.images.reading import find_images, load_image
 from training.config import load_config
 from training.data import center_crop
 from training.train_vae import main as train

@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from benchmarks.measure import result_name
 from benchmarks.report import device_label, synchronize, write_results
 from latent_vae import build_vae
-from latent_vae.model import count_parameters
+from latent_vae.models.loading import count_parameters
 from training.losses import (
     AutoencoderWithLoss,
     LossWeights,

@@ -12,20 +12,22 @@ __version__ = "0.1.0"
 
 # name -> the submodule that defines it
 _EXPORTS = {
-    "EncodeOutput": "codec", "LatentCodec": "codec", "interpolate_latents": "codec",
-    "ImageError": "errors", "ModelLoadError": "errors", "NonFiniteError": "errors",
-    "load_image": "images",
-    "BucketBatchSampler": "dataset.readers", "collate_latents": "dataset.readers", "load_latents": "dataset.readers",
-    "LatentInfo": "dataset.format", "read_failures": "dataset.format", "verify_latents": "dataset.verify",
-    "PrecomputeOptions": "dataset.options", "PrecomputeSummary": "dataset.precompute",
-    "precompute_latents": "dataset.precompute",
-    "build_vae": "model", "load_vae": "model", "model_fingerprint": "model", "save_single_file": "model",
-    "save_vae": "model",
-    "DEFAULT_PRESET": "presets", "PRESETS": "presets", "VAEPreset": "presets", "get_preset": "presets",
-    "ResidualAutoencoderKL": "residual",
-    "fp16_safe": "fp16", "save_fp16_safe": "fp16",
-    "LatentNormalization": "stats", "calibrate": "stats",
-    "CodingPlan": "tiling", "enable_exact_tiling": "tiling", "plan_coding": "tiling",
+    "EncodeOutput": "codec.latent_codec", "LatentCodec": "codec.latent_codec",
+    "interpolate_latents": "codec.latent_codec",
+    "LatentNormalization": "codec.normalization", "calibrate": "codec.normalization",
+    "CodingPlan": "codec.tiling", "enable_exact_tiling": "codec.tiling", "plan_coding": "codec.tiling",
+    "ImageError": "utils.errors", "ModelLoadError": "utils.errors", "NonFiniteError": "utils.errors",
+    "load_image": "images.reading",
+    "BucketBatchSampler": "latents.readers", "collate_latents": "latents.readers", "load_latents": "latents.readers",
+    "LatentInfo": "latents.format", "read_failures": "latents.format", "verify_latents": "latents.verify",
+    "PrecomputeOptions": "latents.options", "PrecomputeSummary": "latents.precompute",
+    "precompute_latents": "latents.precompute",
+    "build_vae": "models.loading", "load_vae": "models.loading", "model_fingerprint": "models.loading",
+    "save_single_file": "models.loading", "save_vae": "models.loading",
+    "DEFAULT_PRESET": "models.presets", "PRESETS": "models.presets", "VAEPreset": "models.presets",
+    "get_preset": "models.presets",
+    "ResidualAutoencoderKL": "models.residual",
+    "fp16_safe": "fp16.rescale", "save_fp16_safe": "fp16.rescale",
 }
 
 __all__ = list(_EXPORTS)

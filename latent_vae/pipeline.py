@@ -21,10 +21,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipe
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from .codec import NonFiniteError
-from .fp16 import fix_advice
-from .presets import downsampling_factor
-from .stats import LatentNormalization
+from .codec.latent_codec import NonFiniteError
+from .codec.normalization import LatentNormalization
+from .fp16.rescale import fix_advice
+from .models.presets import downsampling_factor
 
 # The UNet of the latent-vs-pixel benchmark (`benchmarks/latent_vs_pixel.py`).
 DEFAULT_UNET_CHANNELS: tuple[int, ...] = (128, 256, 256, 512)

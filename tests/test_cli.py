@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from latent_vae import LatentCodec, build_vae, save_vae
 from latent_vae.cli import main
-from latent_vae.latent_files import load_latent_file
+from latent_vae.latents.single_file import load_latent_file
 
 MODEL = ["--model", TINY, "--device", "cpu"]
 

@@ -23,7 +23,7 @@ def photo_folder(tmp_path):
 
 def test_inspect_command_writes_both_models_and_names_an_unreadable_image(photo_folder, tmp_path, capsys):
     from latent_vae.cli import main
-    from latent_vae.errors import EXIT_SOME_FAILED
+    from latent_vae.utils.errors import EXIT_SOME_FAILED
 
     out = tmp_path / "report"
     status = main(["inspect", "--model", THUMB, "--compare", "f16c16-tiny", "--data", str(photo_folder),
@@ -45,7 +45,7 @@ def test_inspect_command_writes_both_models_and_names_an_unreadable_image(photo_
                                      "latent_too_small"])
 def test_inspect_command_refuses_before_work(problem, photo_folder, tmp_path, capsys):
     from latent_vae.cli import main
-    from latent_vae.errors import EXIT_BAD_INPUT
+    from latent_vae.utils.errors import EXIT_BAD_INPUT
 
     out = tmp_path / "report"
     args = ["inspect", "--model", THUMB, "--data", str(photo_folder), "--out", str(out), "--resolution", "64",

@@ -16,7 +16,7 @@ from helpers import (
 from PIL import Image
 
 from latent_vae import LatentCodec, LatentNormalization, NonFiniteError, build_vae
-from latent_vae.codec import _inplace_resnets, interpolate_latents
+from latent_vae.codec.latent_codec import _inplace_resnets, interpolate_latents
 
 
 def codec(**kwargs) -> LatentCodec:

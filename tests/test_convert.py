@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from latent_vae.cli import main
-from latent_vae.convert import ConvertError, convert_checkpoint
-from latent_vae.model import load_vae
+from latent_vae.models.convert import ConvertError, convert_checkpoint
+from latent_vae.models.loading import load_vae
 
 # -- an LDM autoencoder, written from the paper's architecture ---------------------------------------------
 

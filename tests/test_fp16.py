@@ -17,12 +17,19 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from latent_vae import LatentCodec, LatentNormalization, build_vae, load_vae, model_fingerprint
-from latent_vae.convert import LDMArchitecture
-from latent_vae.fp16 import FP16_MAX, REPORT_FILE, Fp16FixError, fp16_safe, save_fp16_safe, stage_graph
-from latent_vae.model import GROUPNORM_EPS_KEY, function_fingerprints
-from latent_vae.presets import get_preset
-from latent_vae.residual import ResidualAutoencoderKL
-from latent_vae.stats import write_normalization
+from latent_vae.codec.normalization import write_normalization
+from latent_vae.fp16.rescale import (
+    FP16_MAX,
+    REPORT_FILE,
+    Fp16FixError,
+    fp16_safe,
+    save_fp16_safe,
+    stage_graph,
+)
+from latent_vae.models.convert import LDMArchitecture
+from latent_vae.models.loading import GROUPNORM_EPS_KEY, function_fingerprints
+from latent_vae.models.presets import get_preset
+from latent_vae.models.residual import ResidualAutoencoderKL
 
 SCALE = 2.0**15  # what the source's stages are multiplied by
 
@@ -217,8 +224,8 @@ def test_a_diffusers_pipeline_decodes_in_fp16_with_the_fixed_model(tmp_path):
 
 
 def test_the_projects_pipeline_decodes_in_fp16_with_the_fixed_model():
-    from latent_vae.errors import NonFiniteError
     from latent_vae.pipeline import LatentDiffusionPipeline
+    from latent_vae.utils.errors import NonFiniteError
 
     fixed, source, _ = fixed_and_source("f16c16")
 
@@ -256,7 +263,7 @@ def test_exact_tiling_in_fp16_equals_whole_within_fp16_rounding(name):
 def test_tiled_groupnorm_statistics_of_a_half_tensor_are_those_of_its_fp32_values(dtype):
     """Whole-image GroupNorm keeps its statistics in fp32; the tiles' must too (the kernel rounds them to the
     input's dtype), or tiled fp16/bf16 carries a rounding that whole-image coding does not."""
-    from latent_vae.tiling.ops import tile_stats
+    from latent_vae.codec.tiling.ops import tile_stats
 
     x = (torch.randn(2, 12, 9, 7, generator=torch.Generator().manual_seed(0)) * 300).to(dtype)
     for ours, theirs in zip(tile_stats(x, 4), tile_stats(x.float(), 4)):
@@ -354,7 +361,7 @@ def saved(tmp_path_factory):
     """An overflowing f16c16 source folder (with a normalisation), calibration images, and its fixed folder
     written by the command."""
     from latent_vae import cli, save_vae
-    from latent_vae.images import tensor_to_pil
+    from latent_vae.images.reading import tensor_to_pil
 
     root = tmp_path_factory.mktemp("fp16")
     torch.manual_seed(0)
@@ -430,9 +437,9 @@ def test_latent_files_made_by_the_source_decode_with_the_fixed_model(saved, tmp_
 
 def test_latent_datasets_and_precompute_in_fp16_with_the_fixed_model(saved, tmp_path):
     from latent_vae import save_vae
-    from latent_vae.dataset.precompute import precompute_latents
-    from latent_vae.dataset.readers import load_latents
-    from latent_vae.errors import NonFiniteError
+    from latent_vae.latents.precompute import precompute_latents
+    from latent_vae.latents.readers import load_latents
+    from latent_vae.utils.errors import NonFiniteError
 
     fast = {"resolution": 32, "num_workers": 0, "batch_size": 2, "progress": False}
     precompute_latents(str(saved.source), saved.images, tmp_path / "by-source", dtype="fp32", **fast)
@@ -456,7 +463,7 @@ def test_latent_datasets_and_precompute_in_fp16_with_the_fixed_model(saved, tmp_
 
 
 def test_the_codecs_fp16_error_names_the_command_that_fixes_it(saved):
-    from latent_vae.errors import NonFiniteError
+    from latent_vae.utils.errors import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=f"latent-vae fp16-fix --model {saved.source}"):
         LatentCodec.from_pretrained(saved.source, dtype="fp16").encode(smooth(1, 32, 32))

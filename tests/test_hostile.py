@@ -25,13 +25,13 @@ from helpers import TINY, assert_close, smooth_image
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import latent_vae.latent_files as latent_files_module
+import latent_vae.latents.single_file as latent_files_module
 from latent_vae import LatentCodec, build_vae, save_vae
 from latent_vae.cli import main
-from latent_vae.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_SOME_FAILED
-from latent_vae.images import ImageError, load_image
-from latent_vae.latent_files import FORMAT, load_latent_file
-from latent_vae.model import save_single_file
+from latent_vae.images.reading import ImageError, load_image
+from latent_vae.latents.single_file import FORMAT, load_latent_file
+from latent_vae.models.loading import save_single_file
+from latent_vae.utils.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, EXIT_SOME_FAILED
 
 MODEL = ["--model", TINY, "--device", "cpu", "--tile-size", "0"]
 REPO = Path(__file__).resolve().parents[1]

@@ -31,11 +31,11 @@ from cli_harness import (
 from helpers import TINY
 
 from latent_vae import build_vae, save_vae
-from latent_vae.dataset.claims import Heartbeat, HeartbeatStopped
-from latent_vae.dataset.options import PrecomputeOptions
-from latent_vae.dataset.precompute import precompute_latents
-from latent_vae.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, one_line
-from latent_vae.values import BadValue, byte_size
+from latent_vae.latents.claims import Heartbeat, HeartbeatStopped
+from latent_vae.latents.options import PrecomputeOptions
+from latent_vae.latents.precompute import precompute_latents
+from latent_vae.utils.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, one_line
+from latent_vae.utils.option_values import BadValue, byte_size
 
 MODEL = ["--model", TINY, "--device", "cpu"]
 PRECOMPUTE = ["--resolution", "32", "--num-workers", "0", "--no-progress", "--dtype", "fp32"]
@@ -159,7 +159,7 @@ def test_an_out_that_is_not_what_the_command_writes_is_refused_before_any_work(w
 
 
 def test_a_file_is_never_replaced_by_a_folder_even_through_the_python_api(tmp_path):
-    from latent_vae.atomic import atomic_directory
+    from latent_vae.utils.atomic import atomic_directory
 
     (tmp_path / "model").write_text("precious")
     with pytest.raises(FileExistsError), atomic_directory(tmp_path / "model") as folder:
@@ -394,7 +394,7 @@ def test_repeated_keys_of_a_dataset_are_refused_up_front_naming_one(work, model_
 
 
 def test_a_heartbeat_that_stops_says_so_and_stops_claiming(tmp_path, monkeypatch, capsys):
-    import latent_vae.dataset.claims as claims_module
+    import latent_vae.latents.claims as claims_module
 
     with pytest.raises(ValueError, match="positive finite number of seconds"):
         Heartbeat(float("inf"))

@@ -1,4 +1,4 @@
-"""The one image reader (`latent_vae.images.load_image`), image tensor checks and the atomic-write helpers."""
+"""The one image reader (`latent_vae.images.reading.load_image`), image tensor checks and the atomic-write helpers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_vae.atomic import atomic_directory, atomic_path, atomic_write_text
-from latent_vae.images import ImageError, check_image_tensor, load_image
+from latent_vae.images.reading import ImageError, check_image_tensor, load_image
+from latent_vae.utils.atomic import atomic_directory, atomic_path, atomic_write_text
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:

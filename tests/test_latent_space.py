@@ -1,4 +1,4 @@
-"""latent_vae.latent_space and `inspect`'s report: measures of a latent space on constructed latents whose
+"""latent_vae.inspection.measures and `inspect`'s report: measures of a latent space on constructed latents whose
 answers are known, on the untrained thumbnail code, and the self-contained page."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from helpers import assert_close, smooth_image
 from PIL import Image
 
 from latent_vae import LatentCodec, build_vae
-from latent_vae.images import pil_to_tensor
-from latent_vae.latent_space import (
+from latent_vae.images.reading import pil_to_tensor
+from latent_vae.inspection.measures import (
     ACTIVE_THRESHOLD,
     HALF_NYQUIST,
     channel_activity,
@@ -30,7 +30,7 @@ from latent_vae.latent_space import (
     radial_spectrum,
     scale_equivariance_pair,
 )
-from latent_vae.residual import luma_grid
+from latent_vae.models.residual import luma_grid
 
 THUMB = "f16c16-small-thumb"
 
@@ -186,8 +186,8 @@ def test_pca_of_a_rank_one_latent_has_one_component_and_its_picture_follows_the_
 
 
 def test_inspect_report_is_self_contained_and_its_json_holds_the_numbers(tmp_path):
-    from latent_vae.inspect_html import write_report
-    from latent_vae.inspect_report import inspect_codec
+    from latent_vae.inspection.html import write_report
+    from latent_vae.inspection.report import inspect_codec
 
     images = torch.stack([pil_to_tensor(Image.fromarray(smooth_image(64, 64, seed=s))) for s in range(4)])
     codecs = {"thumb": LatentCodec(build_vae(THUMB, seed=0)), "tiny": LatentCodec(build_vae("f16c16-tiny", seed=0))}

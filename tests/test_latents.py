@@ -19,12 +19,12 @@ from helpers import BF16_UNIT, FP32_REORDER, assert_close, max_error
 from PIL import Image
 
 from latent_vae import LatentCodec, build_vae, cli, save_vae
-from latent_vae.dataset.encoding import make_buckets, nearest_bucket
-from latent_vae.dataset.format import LatentInfo, pack, read_failures, read_summary, unpack
-from latent_vae.dataset.precompute import precompute_latents
-from latent_vae.dataset.readers import BucketBatchSampler, collate_latents, load_latents
-from latent_vae.dataset.verify import verify_latents
-from latent_vae.images import centre_crop
+from latent_vae.images.reading import centre_crop
+from latent_vae.latents.encoding import make_buckets, nearest_bucket
+from latent_vae.latents.format import LatentInfo, pack, read_failures, read_summary, unpack
+from latent_vae.latents.precompute import precompute_latents
+from latent_vae.latents.readers import BucketBatchSampler, collate_latents, load_latents
+from latent_vae.latents.verify import verify_latents
 
 RES = 32
 FAST = {"num_workers": 0, "batch_size": 2, "progress": False}
@@ -198,9 +198,9 @@ def test_buckets_have_equal_area_and_sides_divisible_by_16():
 def test_the_cli_square_crop_is_the_pixels_precompute_encodes():
     # One crop: `latent-vae interpolate`/`calibrate` and the demo (centre_square) and precompute cut and resample alike.
     from latent_vae.cli.precompute import add_precompute_arguments
-    from latent_vae.dataset.encoding import prepare_image
-    from latent_vae.dataset.options import PrecomputeOptions
-    from latent_vae.images import centre_square
+    from latent_vae.images.reading import centre_square
+    from latent_vae.latents.encoding import prepare_image
+    from latent_vae.latents.options import PrecomputeOptions
 
     rng = np.random.default_rng(3)
     for height, width in [(300, 200), (90, 170), (64, 64)]:
@@ -385,7 +385,7 @@ def test_cli_runs_verifies_and_bad_input_is_one_line(model_dir, folder, tmp_path
 
 def test_precompute_flags_are_derived_from_the_options_dataclass():
     from latent_vae.cli.precompute import add_precompute_arguments
-    from latent_vae.dataset.options import PrecomputeOptions
+    from latent_vae.latents.options import PrecomputeOptions
 
     parser = argparse.ArgumentParser()
     add_precompute_arguments(parser)

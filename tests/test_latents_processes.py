@@ -21,10 +21,10 @@ from helpers import assert_close
 from PIL import Image
 
 from latent_vae import build_vae, save_vae
-from latent_vae.dataset.format import read_failures, read_manifests, read_summary, unpack
-from latent_vae.dataset.precompute import precompute_latents
-from latent_vae.dataset.readers import load_latents
-from latent_vae.dataset.verify import verify_latents
+from latent_vae.latents.format import read_failures, read_manifests, read_summary, unpack
+from latent_vae.latents.precompute import precompute_latents
+from latent_vae.latents.readers import load_latents
+from latent_vae.latents.verify import verify_latents
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_sigkill_then_rerun_holds_every_input_exactly_once(setup, tmp_path):
 RACE = """
 import json, sys, time
 from pathlib import Path
-from latent_vae.dataset.precompute import precompute_latents
+from latent_vae.latents.precompute import precompute_latents
 model, data, base, me, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 results = []
 for r in range(rounds):

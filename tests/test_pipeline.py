@@ -9,7 +9,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from helpers import FP32_OP, assert_close
 
 from latent_vae import LatentCodec, LatentNormalization, build_vae
-from latent_vae.codec import NonFiniteError
+from latent_vae.codec.latent_codec import NonFiniteError
+from latent_vae.codec.normalization import write_normalization
 from latent_vae.pipeline import (
     LatentDiffusionPipeline,
     build_unet,
@@ -17,7 +18,6 @@ from latent_vae.pipeline import (
     iterate_batches,
     train_unet,
 )
-from latent_vae.stats import write_normalization
 
 IMAGE = 64  # pixels: a 16x4x4 latent for the f16 VAE
 TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, attention_levels=1)

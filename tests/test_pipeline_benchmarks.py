@@ -8,7 +8,7 @@ import torch
 from helpers import FP32_OP, assert_close
 
 from benchmarks.measure import PeakMemory, count_flops
-from latent_vae.metrics import bicubic_equal_values, equal_values_size
+from latent_vae.images.metrics import bicubic_equal_values, equal_values_size
 
 
 def test_bicubic_baseline_keeps_as_many_values_as_the_latent():

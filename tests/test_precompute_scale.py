@@ -25,12 +25,12 @@ from helpers import assert_close
 from PIL import Image
 
 from latent_vae import LatentCodec, build_vae, save_vae
-from latent_vae.dataset.encoding import encode_images
-from latent_vae.dataset.format import read_failures, read_manifests, unpack
-from latent_vae.dataset.options import PrecomputeOptions
-from latent_vae.dataset.precompute import precompute_latents, shard_order
-from latent_vae.dataset.readers import load_latents
-from latent_vae.dataset.verify import verify_latents
+from latent_vae.latents.encoding import encode_images
+from latent_vae.latents.format import read_failures, read_manifests, unpack
+from latent_vae.latents.options import PrecomputeOptions
+from latent_vae.latents.precompute import precompute_latents, shard_order
+from latent_vae.latents.readers import load_latents
+from latent_vae.latents.verify import verify_latents
 
 RES = 32
 FAST = {"num_workers": 0, "batch_size": 3, "progress": False, "dtype": "fp32", "resolution": RES}
@@ -184,7 +184,7 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(model_dir, tmp_pat
     os.utime(out / "claims" / "00001.claim", (time.time() - 3600, time.time() - 3600))
     (out / "claims" / "00002.claim").write_text(json.dumps({**owner, "host": "node-8", "pid": 1}))
     # 00003: held by an earlier run of this very process (one that stopped on an error): free at once.
-    from latent_vae.dataset.claims import Owner
+    from latent_vae.latents.claims import Owner
 
     earlier = {**asdict(Owner.this_process()), "run_id": "an-earlier-run"}
     (out / "claims" / "00003.claim").write_text(json.dumps(earlier))
@@ -199,9 +199,9 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(model_dir, tmp_pat
 def test_decode_threads_keep_a_shards_order_and_what_was_read_before_a_cut(tmp_path):
     # A shard's images may be decoded in a thread pool (one big shard must not be bound to one core): the items
     # still arrive in the shard's order, and a shard cut short keeps the images read before the cut.
-    from latent_vae.dataset.claims import Owner
-    from latent_vae.dataset.precompute import ShardReader
-    from latent_vae.dataset.sources import open_source
+    from latent_vae.latents.claims import Owner
+    from latent_vae.latents.precompute import ShardReader
+    from latent_vae.latents.sources import open_source
 
     write_tar(tmp_path / "whole.tar", [(f"{i:03d}.jpg", jpeg(i, (40 + 8 * (i % 3), 48))) for i in range(12)])
     whole = (tmp_path / "whole.tar").read_bytes()
@@ -302,7 +302,7 @@ def test_streaming_reads_every_row_once_over_two_ranks_and_two_workers(latent_di
 @pytest.mark.parametrize("failing", ["encode_moments", "moment_rows"])  # the encoder (this thread), the writer thread
 def test_a_run_that_fails_leaves_nothing_that_blocks_the_next_run_in_the_same_process(model_dir, tmp_path,
                                                                                        monkeypatch, failing):
-    from latent_vae.dataset import precompute
+    from latent_vae.latents import precompute
 
     samples = img2dataset_shards(tmp_path / "tars", shards=3, per_shard=4)
     real, calls = getattr(precompute, failing), []

@@ -11,9 +11,9 @@ from diffusers import AutoencoderKL
 from helpers import FP32_OP, assert_close, assert_within_reordering, max_error, smooth_image
 
 from latent_vae import LatentCodec, build_vae, get_preset, load_vae, save_vae
-from latent_vae.metrics import psnr
-from latent_vae.model import MODEL_CLASSES
-from latent_vae.residual import (
+from latent_vae.images.metrics import psnr
+from latent_vae.models.loading import MODEL_CLASSES
+from latent_vae.models.residual import (
     DOWN_BLOCK,
     ResidualAutoencoderKL,
     channel_resize,
@@ -297,7 +297,7 @@ def test_gradient_checkpointing_keeps_the_shortcut(shortcut):
 
 
 def test_zorder_fold_is_pixel_unshuffle_at_factor_2_and_invertible():
-    from latent_vae.residual import zorder_shuffle, zorder_unshuffle
+    from latent_vae.models.residual import zorder_shuffle, zorder_unshuffle
 
     x = torch.randn(2, 3, 16, 32)
     assert torch.equal(zorder_unshuffle(x, 2), torch.nn.functional.pixel_unshuffle(x, 2))

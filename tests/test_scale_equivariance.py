@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from latent_vae import build_vae
-from latent_vae.latent_space import downsample
-from latent_vae.residual import ResidualAutoencoderKL
+from latent_vae.inspection.measures import downsample
+from latent_vae.models.residual import ResidualAutoencoderKL
 from training.config import load_config, parse_args
 from training.losses import AutoencoderWithLoss, LossWeights, scale_equivariance_loss
 from training.step import TrainState, train_step

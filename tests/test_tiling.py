@@ -1,4 +1,4 @@
-"""Exact tiling (`latent_vae.tiling`): tiled coding is whole-image coding up to fp32 summation order."""
+"""Exact tiling (`latent_vae.codec.tiling`): tiled coding is whole-image coding up to fp32 summation order."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from helpers import FP32_REORDER, assert_within_reordering, bf16_tolerance, rela
 from torch import nn
 
 from latent_vae import LatentCodec, build_vae, get_preset
-from latent_vae.residual import ResidualAutoencoderKL
-from latent_vae.tiling import (
+from latent_vae.codec.tiling import (
     decode_exact,
     enable_exact_tiling,
     encode_exact,
@@ -20,6 +19,7 @@ from latent_vae.tiling import (
     plan_coding,
     tile_regions,
 )
+from latent_vae.models.residual import ResidualAutoencoderKL
 
 pytestmark = pytest.mark.numerics  # tiled against whole: equal up to fp32 summation order throughout
 
@@ -170,8 +170,8 @@ def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tm
 
     from latent_vae import load_vae, precompute_latents, save_vae
     from latent_vae.cli import main
-    from latent_vae.dataset.readers import load_latents
-    from latent_vae.latent_files import load_latent_file
+    from latent_vae.latents.readers import load_latents
+    from latent_vae.latents.single_file import load_latent_file
 
     side = 128
     vae = build_vae("f16c16-tiny", seed=0)
@@ -214,7 +214,7 @@ def test_cli_encode_equals_precompute_and_a_pipeline_decode_equals_cli_decode(tm
 def test_default_cuda_budget_counts_the_allocators_cached_memory(monkeypatch):
     """Memory the caching allocator keeps after a batch is still this process's to use: the budget must not
     shrink from one batch to the next (simulated: no GPU is needed)."""
-    from latent_vae.tiling import default_budget
+    from latent_vae.codec.tiling import default_budget
 
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
@@ -227,7 +227,7 @@ def test_cuda_plans_tile_levels_too_big_for_fast_kernels_and_recompute_rather_th
     """Planned for CUDA (arithmetic only: no GPU is needed). A decoder level whose tensor of one image has 2**31
     elements or more is tiled even when memory is plentiful; automatic CUDA plans never keep tiles in host
     memory; a batch of small images stays whole (a batch can be split under 32-bit indexing)."""
-    from latent_vae.tiling import CUDA_TILE_FROM_ELEMENTS, program_for
+    from latent_vae.codec.tiling import CUDA_TILE_FROM_ELEMENTS, program_for
 
     vae = build_vae("f16c16-tiny", seed=0)
     program = program_for(vae, "decode")
@@ -256,7 +256,7 @@ def test_cuda_plans_tile_levels_too_big_for_fast_kernels_and_recompute_rather_th
 def test_cpu_policy_keeps_a_level_that_fits_kept_but_not_untiled_rather_than_recomputing_it():
     """A budget between the peak of an untiled top level and that of a kept one: the CPU plan keeps that level,
     although recomputing it would fit too (keep is measured faster than recompute on CPU)."""
-    from latent_vae.tiling import estimate_bytes, program_for
+    from latent_vae.codec.tiling import estimate_bytes, program_for
 
     vae = build_vae("f16c16-tiny", seed=0)
     shape = (1, vae.config.latent_channels, 128, 128)  # a 2048x2048 image
@@ -278,7 +278,7 @@ def test_bf16_tiles_normalise_a_few_groups_at_a_time_with_the_same_result(monkey
     """bf16/fp16 GroupNorm runs in fp32 in slices of channels (so that untiled levels hold no fp32 copy of the
     tensor): the slices must give exactly what one pass gives, batches included, and stay close to the whole
     image in bf16 (how close fp32 reordering allows after bf16 rounding)."""
-    from latent_vae.tiling import ops
+    from latent_vae.codec.tiling import ops
 
     vae = build_vae("f8c4-tiny", seed=0).to(torch.bfloat16)
     image = smooth(2, 64, 48).to(torch.bfloat16)

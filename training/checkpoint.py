@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from latent_vae.atomic import atomic_write_text, file_sha256, fsync_path, fsync_tree
+from latent_vae.utils.atomic import atomic_write_text, file_sha256, fsync_path, fsync_tree
 
 PREFIX = "checkpoint-"
 LATEST = "latest"  # the newest checkpoint's name, for people and scripts; resuming checks the folders themselves

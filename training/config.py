@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from latent_vae import values
-from latent_vae.files import read_json
-from latent_vae.images import DEFAULT_MAX_PIXELS
-from latent_vae.presets import PRESETS
+from latent_vae.images.reading import DEFAULT_MAX_PIXELS
+from latent_vae.models.presets import PRESETS
+from latent_vae.utils import option_values as values
+from latent_vae.utils.file_boundary import read_json
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

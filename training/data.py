@@ -16,8 +16,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from latent_vae.dataset.sources import open_saved_dataset
-from latent_vae.images import DEFAULT_MAX_PIXELS, ImageError, load_image, pil_to_tensor, scan_images, to_rgb
+from latent_vae.images.reading import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    load_image,
+    pil_to_tensor,
+    scan_images,
+    to_rgb,
+)
+from latent_vae.latents.sources import open_saved_dataset
 
 # A corrupt image is replaced by the next one; after this many bad ones in a row the data is broken.
 MAX_BAD_IN_A_ROW = 16

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from latent_vae import LatentCodec, interpolate_latents
-from latent_vae.atomic import atomic_write_text
-from latent_vae.images import (
+from latent_vae.images.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
+from latent_vae.images.reading import (
     centre_square,
     error_map,
     image_strip,
@@ -33,8 +33,8 @@ from latent_vae.images import (
     tensor_to_pil,
     tensor_to_uint8,
 )
-from latent_vae.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
-from latent_vae.residual import untrained_code_model
+from latent_vae.models.residual import untrained_code_model
+from latent_vae.utils.atomic import atomic_write_text
 
 from .config import load_config
 from .train_vae import main as train

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from latent_vae.latent_space import downsample, gaussian_kl
+from latent_vae.inspection.measures import downsample, gaussian_kl
 
 from .lpips import LPIPS
 
@@ -57,7 +57,7 @@ def scale_equivariance_loss(decode: Callable[[torch.Tensor], torch.Tensor], late
                             pixels: torch.Tensor, factors: Sequence[int],
                             distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Skorokhodov et al. 2025's scale equivariance: decode the latents downsampled by each factor and compare
-    them with the images downsampled by the same factor (`latent_vae.latent_space.downsample`, the block mean),
+    them with the images downsampled by the same factor (`latent_vae.inspection.measures.downsample`, the block mean),
     with the pixel loss's `distance` (a mean per pixel value): the mean over the factors.
 
     Its gradient reaches the decoder and, through the latents, the encoder: it reshapes the latent space (its
@@ -67,7 +67,7 @@ def scale_equivariance_loss(decode: Callable[[torch.Tensor], torch.Tensor], late
 
 
 def ssim_loss(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """1 - SSIM (Gaussian window 11, as `latent_vae.metrics.ssim`) of images in [-1, 1]."""
+    """1 - SSIM (Gaussian window 11, as `latent_vae.images.metrics.ssim`) of images in [-1, 1]."""
     unit = lambda x: (x.float().clamp(-1, 1) + 1) / 2
     return 1.0 - structural_similarity_index_measure(unit(reconstruction), unit(reference), data_range=1.0)
 

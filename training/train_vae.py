@@ -33,16 +33,16 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
 from latent_vae import LatentCodec, calibrate, load_vae, save_vae
-from latent_vae.atomic import atomic_directory
-from latent_vae.errors import (  # the latent-vae commands' statuses
+from latent_vae.images.metrics import psnr, ssim
+from latent_vae.images.reading import error_map, image_grid, image_strip, tensor_to_uint8
+from latent_vae.inspection.measures import equivariance_factors
+from latent_vae.models.presets import downsampling_factor
+from latent_vae.utils.atomic import atomic_directory
+from latent_vae.utils.errors import (  # the latent-vae commands' statuses
     EXIT_BAD_INPUT,
     EXIT_INTERNAL_ERROR,
     one_line,
 )
-from latent_vae.images import error_map, image_grid, image_strip, tensor_to_uint8
-from latent_vae.latent_space import equivariance_factors
-from latent_vae.metrics import psnr, ssim
-from latent_vae.presets import downsampling_factor
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, parse_args, to_dict, to_hparams

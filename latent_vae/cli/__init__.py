@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from ..errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, NonFiniteError, one_line
+from ..utils.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, NonFiniteError, one_line
 from . import coding, fp16, inspect, models, precompute
 from .common import OneLineParser, UsageError
 

@@ -8,9 +8,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import values
-from ..errors import EXIT_OK, CommandError, ImageError
-from ..images import (
+from ..images.reading import (
     centre_square,
     error_map,
     image_grid,
@@ -19,7 +17,9 @@ from ..images import (
     pil_to_tensor,
     tensor_to_uint8,
 )
-from ..latent_files import LatentFile, load_latent_file, save_latent_file
+from ..latents.single_file import LatentFile, load_latent_file, save_latent_file
+from ..utils import option_values as values
+from ..utils.errors import EXIT_OK, CommandError, ImageError
 from .common import (
     add_image_arguments,
     add_model_arguments,
@@ -132,7 +132,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    from ..metrics import SSIM_WINDOW, psnr, ssim
+    from ..images.metrics import SSIM_WINDOW, psnr, ssim
 
     limit = max_pixels(args)
     out_dir = check_output_folder(args.out, "PNG images", IMAGE_OUTPUTS)
@@ -165,7 +165,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
-    from ..codec import interpolate_latents
+    from ..codec.latent_codec import interpolate_latents
 
     limit = max_pixels(args)
     out = check_output_file(args.out, "PNG image", (".png",))
@@ -196,7 +196,7 @@ def sample_photos() -> list[Path]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..metrics import psnr
+    from ..images.metrics import psnr
 
     out_dir = check_output_folder(args.out, DEMO_OUTPUT, by_name(DEMO_OUTPUT))
     codec = open_codec(args)

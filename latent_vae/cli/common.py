@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import values
-from ..atomic import atomic_path, left_by_dead_process
-from ..errors import (
+from ..images.reading import DEFAULT_MAX_PIXELS, centre_square, load_image, scan_images
+from ..models.presets import DEFAULT_PRESET, PRESETS
+from ..utils import option_values as values
+from ..utils.atomic import atomic_path, left_by_dead_process
+from ..utils.errors import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     CommandError,
@@ -23,13 +25,11 @@ from ..errors import (
     input_failure,
     printable,
 )
-from ..images import DEFAULT_MAX_PIXELS, centre_square, load_image, scan_images
-from ..presets import DEFAULT_PRESET, PRESETS
 
 # diffusers (through ..codec and ..model) and torchmetrics (..metrics) are imported inside the commands that
 # use them: `latent-vae --help` and argument errors then answer without the ~4 s those imports take.
 if TYPE_CHECKING:
-    from ..codec import LatentCodec
+    from ..codec.latent_codec import LatentCodec
 
 
 class UsageError(Exception):
@@ -111,7 +111,7 @@ def centre_squares(paths: Sequence[Path], resolution: int, limit: int | None, fa
 
 def open_codec(args: argparse.Namespace, source: str | None = None) -> LatentCodec:
     """The codec of `source` (default `--model`) with the model arguments' device, precision and memory budget."""
-    from ..codec import LatentCodec
+    from ..codec.latent_codec import LatentCodec
 
     source = args.model if source is None else source
     codec = LatentCodec.from_pretrained(

@@ -1,4 +1,4 @@
-"""`latent-vae fp16-fix`: rescale a model by powers of two into fp16's range, the same function (`latent_vae.fp16`)."""
+"""`latent-vae fp16-fix`: rescale a model by powers of two into fp16's range, the same function (`latent_vae.fp16.rescale`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .. import values
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, printable
-from ..images import pil_to_tensor
+from ..images.reading import pil_to_tensor
+from ..utils import option_values as values
+from ..utils.errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, printable
 from .common import add_image_arguments, centre_squares, find_images, max_pixels
 from .models import check_model_output
 
@@ -51,10 +51,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run_fp16_fix(args: argparse.Namespace) -> int:
     from diffusers import AutoencoderKL
 
-    from ..codec import resolve_device
-    from ..fp16 import fp16_safe, save_fp16_safe
-    from ..fp16_layout import is_power_of_two, stage_graph
-    from ..model import load_vae, model_folder
+    from ..codec.latent_codec import resolve_device
+    from ..fp16.layout import is_power_of_two, stage_graph
+    from ..fp16.rescale import fp16_safe, save_fp16_safe
+    from ..models.loading import load_vae, model_folder
 
     # everything that can be refused is refused before the work
     if not (is_power_of_two(args.headroom) and args.headroom >= 1):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError
-from ..images import pil_to_tensor, scan_images
-from ..inspect_html import FIGURES, REPORT_FILES
-from ..values import Integer
+from ..images.reading import pil_to_tensor, scan_images
+from ..inspection.html import FIGURES, REPORT_FILES
+from ..utils.errors import EXIT_OK, EXIT_SOME_FAILED, CommandError
+from ..utils.option_values import Integer
 from .common import (
     add_image_arguments,
     add_model_arguments,
@@ -102,8 +102,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                                f"{MIN_LATENT_SIDE}: --resolution {MIN_LATENT_SIDE * codec.downsampling_factor} or more")
     images, names, failures = read_images(args)
 
-    from ..inspect_html import write_report
-    from ..inspect_report import inspect_codec
+    from ..inspection.html import write_report
+    from ..inspection.report import inspect_codec
 
     labels = sources if len(set(sources)) == len(sources) else [f"{s} ({i + 1})" for i, s in enumerate(sources)]
     inspections = [inspect_codec(codec, images, label=label, source=source, interpolation_steps=args.interpolation_steps,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .. import values
-from ..atomic import atomic_directory, atomic_write_text
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, CommandError
-from ..presets import DEFAULT_PRESET, downsampling_factor
-from ..stats import calibrate
+from ..codec.normalization import calibrate
+from ..models.presets import DEFAULT_PRESET, downsampling_factor
+from ..utils import option_values as values
+from ..utils.atomic import atomic_directory, atomic_write_text
+from ..utils.errors import EXIT_OK, EXIT_SOME_FAILED, CommandError
 from .common import (
     MODEL_FILES,
     add_image_arguments,
@@ -71,7 +71,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from ..model import model_folder, save_vae
+    from ..models.loading import model_folder, save_vae
 
     if not args.out and (not Path(args.model).is_dir() or model_folder(Path(args.model)) is None):
         raise CommandError(f"--model {args.model!r} is not a model folder: pass --out DIR to save the calibrated model")
@@ -103,7 +103,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ..model import codec_flops, count_parameters, load_vae
+    from ..models.loading import codec_flops, count_parameters, load_vae
 
     vae = load_vae(args.model, seed=args.seed)
     config = vae.config
@@ -144,7 +144,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from ..convert import convert_checkpoint
+    from ..models.convert import convert_checkpoint
 
     check_model_output(args.out)
     if args.single_file:

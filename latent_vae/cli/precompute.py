@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, CommandError, one_line, printable
+from ..utils.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, CommandError, one_line, printable
 from .common import add_dataclass_arguments, by_name, check_output_folder
 
 
@@ -21,7 +21,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def add_precompute_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `latent-vae precompute`: what to encode and where, then every PrecomputeOptions field."""
-    from ..dataset.options import PrecomputeOptions
+    from ..latents.options import PrecomputeOptions
 
     parser.add_argument("--model", help="preset name, diffusers model folder or .safetensors file")
     parser.add_argument("--data", help="WebDataset tar shards or parquet files (path, glob or folder of them), an image "
@@ -38,9 +38,9 @@ def run_precompute(args: argparse.Namespace) -> int:
     could not run (one line)."""
     import dataclasses
 
-    from ..dataset.format import FAILURES_FILE, LAYOUT, read_failures
-    from ..dataset.precompute import PrecomputeOptions, precompute_latents
-    from ..dataset.verify import verify_latents
+    from ..latents.format import FAILURES_FILE, LAYOUT, read_failures
+    from ..latents.precompute import PrecomputeOptions, precompute_latents
+    from ..latents.verify import verify_latents
 
     try:
         if args.verify:

@@ -1,0 +1,15 @@
+"""Latents on disk: one latent per file, and latent datasets (encode a dataset's images once, train on their
+latents many times).
+
+One module per subject, from the disk up:
+    single_file one latent per `.safetensors` file, with what is needed to decode it right
+    format      the on-disk layout: files, columns, `latents.json` (LatentInfo), manifests, byte packing
+    writer      the row schema, the streaming shard writer, and the exactly-once commit of a shard
+    verify      counting and verifying a dataset against its own records
+    readers     `load_latents` for training (map-style or streaming), collate, same-shape batches
+    sources     the inputs: tar shards, parquet/arrow files, image folders, 🤗 datasets
+    claims      which process works on which shard (claim files with heartbeats)
+    options     `PrecomputeOptions`, one field per `latent-vae precompute` flag
+    encoding    preprocessing and the pure per-batch function (images -> rows)
+    precompute  the run: workers read and decode, the main process encodes, a writer thread commits
+"""

@@ -1,0 +1,468 @@
+"""`latent-vae precompute`: encode a dataset's images once into a latent dataset (format: `latent_vae.latents.format`).
+
+How the run is organised, and why:
+- The unit of work is an input shard (a tar file, a parquet file, a stream shard, or `shard_size` rows of a
+  folder or Dataset); it becomes one output shard of the same name. A process claims a shard with an
+  exclusive-create claim file (owner, heartbeat), so two runs into one `--out`, or many ranks on many
+  nodes, never work on the same shard at once; each rank first tries the shards that its global rank
+  points to (RANK/WORLD_SIZE, as torchrun and accelerate set them), then helps with the others.
+- DataLoader workers claim shards, read their samples and decode, resize and crop the images (through the
+  project's one image reader; in a thread pool over the cores that idle workers leave) while the main process
+  encodes batches, and a writer thread packs the latents and writes and commits the shards: decoding,
+  encoding and writing overlap.
+- A finished shard is committed by its manifest (an exclusive hard link: of two processes that ever
+  finish one shard, only the first commits). A rerun skips complete shards and redoes the others; a run
+  killed anywhere loses only the shards it had in flight (about one per DataLoader worker).
+- A claim whose owner stopped heartbeating (or, on the same host, whose process is gone) is stale and is
+  taken over, so a run waits for shards that another live process holds, and finishes those of the dead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from ..images.reading import load_image
+from ..utils.atomic import atomic_write_text
+from ..utils.dtypes import dtype_name
+from ..utils.errors import ImageError
+from . import format as fmt
+from .claims import HOST, Claims, Heartbeat, Owner
+from .encoding import (
+    PreparedImage,
+    SkipImage,
+    encode_moments,
+    failure_reason,
+    make_buckets,
+    moment_rows,
+    prepare_image,
+)
+from .metadata import BAD_METADATA, MetadataError, MetadataFitter
+from .options import PrecomputeOptions
+from .sources import Sample, Source, open_source
+from .verify import count_dataset, verify_latents
+from .writer import ShardWriter, clean_staging, commit_shard, output_features, shard_state
+
+# Batches the writer thread may lag behind the encoder (each holds a batch of latents in host memory).
+WRITES_AHEAD = 4
+
+# What reading a damaged input shard raises (a truncated tar or parquet file, a parquet file whose schema differs
+# from the first one's): the shard's one failure.
+SHARD_READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError, KeyError, zlib.error, pa.ArrowException)
+
+
+class ShardReader(torch.utils.data.IterableDataset):
+    """Claims shards, then yields for each, in lists: {"kind": "start"}, its images (prepared) or failures, {"kind": "end"}.
+
+    Runs in DataLoader workers (each its own shards, so a shard's items arrive in order); uint8 pixels cross
+    the process boundary: 4x less than float.
+    """
+
+    def __init__(self, source: Source, order: list[int], out: Path, owner: Owner, options: PrecomputeOptions,
+                 buckets: list[tuple[int, int]] | None, decode_threads: int = 1) -> None:
+        self.source, self.order, self.out, self.owner = source, order, out, owner
+        self.options, self.buckets, self.decode_threads = options, buckets, decode_threads
+        self.fit_metadata = MetadataFitter(source.passthrough)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        claims = Claims(self.out, self.owner, self.options.claim_timeout)
+        heartbeat = Heartbeat.of_this_process(self.options.claim_timeout / 4)
+        start = worker_id * len(self.order) // workers  # workers start apart: fewer collisions on claims
+        for index in self.order[start:] + self.order[:start]:
+            shard = self.source.shards[index]
+            heartbeat.check()  # a process whose claims no longer beat claims nothing more
+            if shard_state(self.out, shard.name) == "complete" or not claims.try_claim(shard.name):
+                continue
+            state = shard_state(self.out, shard.name)  # again, now that no one else can be committing it
+            if state == "complete":
+                claims.release(shard.name)
+                continue
+            if state == "broken":  # a manifest whose data was lost: redo the shard
+                (self.out / fmt.MANIFEST_DIR / f"{shard.name}.json").unlink(missing_ok=True)
+            heartbeat.add(claims.path(shard.name))
+            # Items travel in lists of about a batch: one message per batch, not per image (small images are
+            # otherwise bound by the DataLoader's per-message cost).
+            chunk = [{"kind": "start", "shard": shard.name, "source": getattr(shard, "path", shard.name)}]
+            try:
+                for item in self._items(shard):
+                    chunk.append(item)
+                    if len(chunk) >= self.options.batch_size:
+                        yield chunk
+                        chunk = []
+            except SHARD_READ_ERRORS as error:
+                # A truncated download or a bad file: what was read stays, the rest is one failure of the shard.
+                chunk.append({"kind": "failure", "shard": shard.name, "key": f"{shard.name}#unread",
+                              "source": shard.name, "reason": "unreadable_shard",
+                              "message": f"{getattr(shard, 'path', shard.name)}: could not be read to the end "
+                              f"({type(error).__name__}: {error})"})
+            heartbeat.discard(claims.path(shard.name))
+            yield [*chunk, {"kind": "end", "shard": shard.name}]
+
+    def _items(self, shard):
+        """The shard's items in order. With several decode threads (Pillow decodes and resizes without the GIL),
+        samples are read in this thread and decoded in a pool: a shard is not bound to one core (a small folder
+        is one virtual shard: one core decoded it all while the GPU waited)."""
+        if self.decode_threads <= 1:
+            for sample in unique_keys(shard.samples()):
+                yield self._item(shard.name, sample)
+            return
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+            pending, cut = deque(), None
+            try:
+                for sample in unique_keys(shard.samples()):
+                    pending.append(pool.submit(self._item, shard.name, sample))
+                    if len(pending) >= 2 * self.decode_threads:  # bounded read-ahead: a few images a thread
+                        yield pending.popleft().result()
+            except SHARD_READ_ERRORS as error:
+                cut = error  # raised after the images read before the cut: those are kept
+            while pending:
+                yield pending.popleft().result()
+            if cut is not None:
+                raise cut
+
+    def _item(self, shard: str, sample) -> dict:
+        if sample.image is None:  # a tar sample without an image member, a null in the image column
+            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name, "reason": "missing",
+                    "message": f"{sample.name}: no image"}
+        try:  # before decoding: a sample whose metadata fits no column is one failed input, never the shard's
+            passthrough = self.fit_metadata(sample.passthrough)
+        except MetadataError as error:
+            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name,
+                    "reason": BAD_METADATA, "message": f"{sample.name}: {error}"}
+        try:
+            image = load_image(sample.image, max_pixels=self.options.max_pixels, name=sample.name)
+            prepared = prepare_image(image, self.options, self.buckets)
+        except ImageError as error:
+            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name,
+                    "reason": failure_reason(error, sample.name), "message": str(error)}
+        except SkipImage as skip:
+            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name,
+                    "reason": skip.reason, "message": f"{sample.name}: {skip}"}
+        return {"kind": "image", "shard": shard, "prepared": prepared,
+                "metadata": {fmt.KEY: sample.key, **passthrough}}
+
+
+def unique_keys(samples):
+    """An input shard's samples with unique keys, by the documented rule: a key seen before in the shard is
+    stored as KEY#2, KEY#3, ... (the first sample keeps KEY). Repeats across shards are found by the
+    verification that ends every run."""
+    seen: set[str] = set()
+    repeats: dict[str, int] = {}
+    for sample in samples:
+        key = sample.key
+        while key in seen:
+            repeats[sample.key] = repeats.get(sample.key, 1) + 1
+            key = f"{sample.key}#{repeats[sample.key]}"
+        seen.add(key)
+        yield sample if key == sample.key else Sample(key, sample.image, sample.name, sample.passthrough)
+
+
+def _passthrough_collate(item: dict) -> dict:
+    """No batching in the loader (batches are formed per image size in the main process)."""
+    return item
+
+
+def shard_order(count: int, rank: int, world_size: int) -> list[int]:
+    """Shard indices in the order a rank tries them: its own (index % world_size == rank) first, then the
+    others starting at its own place, so that ranks done early help where the others are not."""
+    mine = [i for i in range(count) if i % world_size == rank]
+    others = [i for i in range(count) if i % world_size != rank]
+    offset = rank * len(others) // max(1, world_size)
+    return mine + others[offset:] + others[:offset]
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrecomputeSummary:
+    """What a run did (this run) and what the dataset holds (all runs so far)."""
+
+    out: str
+    shards: int  # input shards
+    shards_done_before: int  # complete before this run started
+    rows: int  # latents in the dataset
+    failures: int  # inputs that could not be used (each listed in failures.jsonl)
+    failure_reasons: dict[str, int]
+    encoded_this_run: int
+    failed_this_run: int
+    shards_this_run: int  # shards this run committed
+    seconds: float
+    images_per_second: float  # encoded this run / seconds, all ranks together
+    world_size: int = 1
+    complete: bool = True  # every shard committed and the closing verification found no problem
+    problems: list[str] = field(default_factory=list)  # what that verification found (`verify_latents`)
+
+    def line(self) -> str:
+        """One line for a terminal."""
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.failure_reasons.items()))
+        return (f"{self.rows} latents ({self.encoded_this_run} this run), {self.failures} failed"
+                f"{f' ({reasons})' if reasons else ''}, {self.shards} shards ({self.shards_done_before} done before, "
+                f"{self.shards_this_run} this run) -> {self.out}  [{self.images_per_second:.1f} img/s, "
+                f"{self.seconds:.1f} s, {self.world_size} process(es)]")
+
+
+def _make_codec(model: Any, options: PrecomputeOptions, device: torch.device):
+    from diffusers import AutoencoderKL
+
+    from ..codec.latent_codec import LatentCodec
+    from ..models.loading import load_vae
+
+    per_call = options.batch_size * (2 if options.flip else 1)
+    if isinstance(model, LatentCodec):
+        return model, None  # used as configured by the caller (device, dtype, tiling)
+    vae = model if isinstance(model, AutoencoderKL) else load_vae(model)
+    source = str(model) if isinstance(model, (str, os.PathLike)) else None
+    codec = LatentCodec(vae, device=device, dtype=options.encode_dtype, max_batch_size=per_call,
+                        max_memory=options.max_memory, tile_size=options.tile_size,
+                        channels_last=options.channels_last)
+    return codec, source
+
+
+def _cpus_per_process() -> int:
+    """This process's share of the cores (torchrun's LOCAL_WORLD_SIZE processes share one node's)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _default_workers() -> int:
+    return max(1, min(16, _cpus_per_process() - 1))  # one core stays with the process that encodes
+
+
+def _options(options: PrecomputeOptions | None, overrides: dict) -> PrecomputeOptions:
+    unknown = sorted(set(overrides) - set(PrecomputeOptions.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown precompute option(s) {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(PrecomputeOptions.__dataclass_fields__)}")
+    merged = PrecomputeOptions(**{**(asdict(options) if options else {}), **overrides})
+    merged.validate()
+    return merged
+
+
+@dataclass
+class _OpenShard:
+    writer: ShardWriter
+    source: str
+    failures: list[dict] = field(default_factory=list)
+
+
+class _Run:
+    """One process's part of a precompute: passes over the shards until every one is complete."""
+
+    def __init__(self, codec, source: Source, out: Path, options: PrecomputeOptions, buckets, order: list[int],
+                 features, progress) -> None:
+        self.codec, self.source, self.out, self.options, self.buckets = codec, source, out, options, buckets
+        self.order, self.features, self.progress = order, features, progress
+        self.owner = Owner.this_process()
+        self.claims = Claims(out, self.owner, options.claim_timeout)
+        self.heartbeat = Heartbeat.of_this_process(options.claim_timeout / 4)
+        self.storage = fmt.storage_dtype(options.dtype)
+        self.encoded = self.failed = self.committed = 0
+        self.open: dict[str, _OpenShard] = {}
+        self.groups: dict[tuple[int, ...], list[dict]] = {}
+        # Rows are packed and shards written and committed in one background thread, in order, while this
+        # thread feeds the accelerator the next batch (else it idles through every parquet write).
+        self.writer_thread = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self.written: deque[Future] = deque()
+
+    def run(self, workers: int) -> None:
+        names = [s.name for s in self.source.shards]
+        poll = min(2.0, max(0.2, self.options.claim_timeout / 20))
+        left = [i for i in self.order if shard_state(self.out, names[i]) != "complete"]
+        try:
+            while left:
+                free = [i for i in left if not self.claims.held(names[i])]
+                if free:
+                    self._pass(free, workers)
+                else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale
+                    time.sleep(poll)
+                left = [i for i in left if shard_state(self.out, names[i]) != "complete"]
+        finally:
+            self.writer_thread.shutdown()
+        self.claims.clear_stale()
+
+    def _pass(self, order: list[int], workers: int) -> None:
+        workers = min(workers, len(order))
+        # Fewer shards than workers (a small folder is one virtual shard): the cores left idle decode in threads.
+        threads = max(1, _cpus_per_process() // max(1, workers))
+        loader = torch.utils.data.DataLoader(
+            ShardReader(self.source, order, self.out, self.owner, self.options, self.buckets, threads),
+            batch_size=None,
+            num_workers=workers, collate_fn=_passthrough_collate,
+            # two chunks (about a batch each) ready per worker, so the encoder never waits for a decode
+            prefetch_factor=2 if workers else None)
+        try:
+            for chunk in loader:
+                for item in chunk:
+                    self._take(item)
+            while self.written:
+                self.written.popleft().result()  # a write's error is raised here
+        finally:
+            for future in self.written:  # an error or an interrupt: stop writing, then remove what is half-written
+                future.cancel()
+            wait(self.written)
+            self.written.clear()
+            for name, shard in self.open.items():
+                shard.writer.abort()
+                self.claims.release(name)
+            self.open.clear()
+            self.groups.clear()
+
+    def _in_writer(self, work, *args) -> None:
+        """Run `work(*args)` in the writer thread after what was handed to it before; raise its earlier errors."""
+        while self.written and (self.written[0].done() or len(self.written) > WRITES_AHEAD):
+            self.written.popleft().result()
+        self.written.append(self.writer_thread.submit(work, *args))
+
+    def _take(self, item: dict) -> None:
+        kind, name = item["kind"], item["shard"]
+        if kind == "start":
+            self.heartbeat.check()
+            self.open[name] = _OpenShard(ShardWriter(self.out, name, self.features), item["source"])
+            self.heartbeat.add(self.claims.path(name))
+        elif kind == "failure":
+            self.open[name].failures.append({k: item[k] for k in ("key", "source", "reason", "message")})
+            self.failed += 1
+            self.progress.update(1)
+        elif kind == "image":
+            size = tuple(item["prepared"].pixels.shape)
+            self.groups.setdefault(size, []).append(item)
+            if len(self.groups[size]) == self.options.batch_size:
+                self._encode(size)
+            elif sum(len(g) for g in self.groups.values()) >= 4 * self.options.batch_size:
+                # Many buckets each short of a batch: encode the fullest rather than hold images without bound.
+                self._encode(max(self.groups, key=lambda k: len(self.groups[k])))
+        else:  # "end": encode what is left of the shard, then commit it
+            for size in [s for s, group in self.groups.items() if any(i["shard"] == name for i in group)]:
+                self._encode(size)
+            self._in_writer(self._commit, name)
+
+    def _encode(self, size: tuple[int, ...]) -> None:
+        items = self.groups.pop(size)
+        images = [i["prepared"] for i in items]
+        moments = encode_moments(self.codec, images, flip=self.options.flip, dtype=self.storage)
+        self._in_writer(self._write_rows, [self.open[i["shard"]] for i in items], items, images, moments)
+        self.encoded += len(items)
+        self.progress.update(len(items))
+
+    def _write_rows(self, shards: list[_OpenShard], items: list[dict], images: list[PreparedImage], moments) -> None:
+        rows = moment_rows(images, [i["metadata"] for i in items], *moments, flip=self.options.flip, dtype=self.storage)
+        for shard, row in zip(shards, rows):
+            shard.writer.add(row)
+
+    def _commit(self, name: str) -> None:
+        shard = self.open[name]
+        staged, checksum = shard.writer.finish()
+        manifest = fmt.Manifest(name, str(shard.source), shard.writer.rows, shard.failures, checksum, staged.name,
+                                HOST, os.getpid(), self.owner.run_id, time.time())
+        if commit_shard(self.out, manifest, staged):
+            self.committed += 1
+        del self.open[name]
+        self.heartbeat.discard(self.claims.path(name))
+        self.claims.release(name)
+
+
+def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: PrecomputeOptions | None = None,
+                       **overrides: Any) -> PrecomputeSummary:
+    """Encode every image of `data` once into a latent dataset at `out` (read it with `load_latents`).
+
+    Args:
+        model: a preset name, model folder or .safetensors file, an AutoencoderKL, or a LatentCodec (used as is).
+        data: WebDataset tar shards or parquet files (a path, glob, list or folder of them), an image folder
+            (recursive; captions from metadata.jsonl or .txt beside images), a save_to_disk folder, arrow files,
+            or a datasets.Dataset / IterableDataset.
+        out: the output folder; running the same call again continues an interrupted run, and concurrent runs
+            (or ranks, or nodes) into the same folder share the work.
+        options, **overrides: see `PrecomputeOptions` (keywords override fields of `options`).
+
+    Under `torchrun` / `accelerate launch` every process, on every node, takes its share of the shards.
+    Returns when every shard of the dataset is complete (waiting for shards other live processes hold).
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    opts = _options(options, overrides)
+    out = Path(out)
+    wanted = torch.device(opts.device) if opts.device else None
+    state = PartialState(cpu=wanted is not None and wanted.type == "cpu")
+    device = wanted or state.device
+    if device.type == "cuda" and device.index is None and state.device.type == "cuda":
+        device = state.device  # plain "cuda" under torchrun: this process's own GPU
+
+    source = open_source(data, image_column=opts.image_column, key_column=opts.key_column,
+                         caption_column=opts.caption_column, split=opts.split, shard_size=opts.shard_size,
+                         reserved=fmt.RESERVED_COLUMNS)
+    codec, model_source = _make_codec(model, opts, device)
+    factor = codec.downsampling_factor
+    step = opts.bucket_step or factor
+    if step % factor:
+        raise ValueError(f"bucket_step {step} is not a multiple of the model's downsampling factor {factor}")
+    if opts.resolution % factor:
+        raise ValueError(f"resolution {opts.resolution} is not a multiple of the model's downsampling factor {factor}")
+    bucket_list = make_buckets(opts.resolution, step, opts.max_aspect) if opts.buckets else None
+    info = fmt.LatentInfo(
+        fingerprint=codec.fingerprint, normalization=codec.normalization.to_config(),
+        latent_channels=codec.latent_channels, downsampling_factor=factor, resolution=opts.resolution,
+        buckets=[list(b) for b in bucket_list] if bucket_list else None, flip=opts.flip,
+        storage_dtype=dtype_name(fmt.storage_dtype(opts.dtype)), encode_dtype=dtype_name(codec.dtype),
+        max_upscale=opts.max_upscale, image_column=source.image_column,
+        key_column=source.key_column, passthrough=list(source.passthrough),
+        input_shards=[s.name for s in source.shards], shard_size=None if source.sharded else opts.shard_size,
+        input_digest=source.keys_digest,
+        model_source=model_source, data_source=source.description)
+    fmt.create_or_check(out, info)
+    clean_staging(out)
+
+    if state.num_processes > 1:  # ranks start claiming together: one that loads its model first takes no one's share
+        state.wait_for_everyone()
+    names = info.input_shards
+    done_before = sum(shard_state(out, n) == "complete" for n in names)
+    order = shard_order(len(names), state.process_index, state.num_processes)
+    workers = opts.num_workers if opts.num_workers is not None else _default_workers()
+    progress = tqdm(unit="img", desc="precompute", dynamic_ncols=True,
+                    disable=not (opts.progress and state.is_local_main_process))
+    run = _Run(codec, source, out, opts, bucket_list, order, output_features(source.passthrough, opts.flip),
+               progress)
+    start = time.perf_counter()
+    run.run(workers)
+    seconds = time.perf_counter() - start
+    progress.close()
+
+    mine = (run.encoded, run.failed, run.committed, seconds)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        per_rank = gather_object([mine])
+    else:
+        per_rank = [mine]
+    counts = count_dataset(out)
+    # Every run ends by verifying what the dataset holds (manifests, row counts, every key once; `--verify` also
+    # checks every file's sha256), so that it never calls complete a dataset that `--verify` rejects.
+    problems = verify_latents(out, checksums=False).problems if state.is_main_process else []
+    wall = max(r[3] for r in per_rank)
+    encoded = sum(r[0] for r in per_rank)
+    summary = PrecomputeSummary(
+        out=str(out), shards=counts.shards, shards_done_before=done_before, rows=counts.rows,
+        failures=counts.failures, failure_reasons=counts.failure_reasons, encoded_this_run=encoded,
+        failed_this_run=sum(r[1] for r in per_rank), shards_this_run=sum(r[2] for r in per_rank), seconds=wall,
+        images_per_second=encoded / wall if wall > 0 else 0.0, world_size=state.num_processes,
+        complete=counts.complete and not problems, problems=problems)
+    if state.is_main_process:
+        failures = fmt.read_failures(out)
+        atomic_write_text(out / fmt.FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
+        atomic_write_text(out / fmt.SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
+    return summary
+
