@@ -23,16 +23,9 @@ import torch
 from PIL import Image
 
 from latent_vae import LatentCodec, interpolate_latents
+from latent_vae.images.figures import error_map, image_strip
 from latent_vae.images.metrics import bicubic_equal_values, equal_values_size, psnr, ssim
-from latent_vae.images.reading import (
-    centre_square,
-    error_map,
-    image_strip,
-    load_image,
-    pil_to_tensor,
-    tensor_to_pil,
-    tensor_to_uint8,
-)
+from latent_vae.images.reading import centre_square, load_image, pil_to_tensor, tensor_to_pil, tensor_to_uint8
 from latent_vae.models.residual import untrained_code_model
 from latent_vae.utils.atomic import atomic_write_text
 

@@ -33,8 +33,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
 from latent_vae import LatentCodec, calibrate, load_vae, save_vae
+from latent_vae.images.figures import error_map, image_grid, image_strip
 from latent_vae.images.metrics import psnr, ssim
-from latent_vae.images.reading import error_map, image_grid, image_strip, tensor_to_uint8
+from latent_vae.images.reading import tensor_to_uint8
 from latent_vae.inspection.measures import equivariance_factors
 from latent_vae.models.presets import downsampling_factor
 from latent_vae.utils.atomic import atomic_directory

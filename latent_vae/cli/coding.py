@@ -8,15 +8,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..images.reading import (
-    centre_square,
-    error_map,
-    image_grid,
-    image_strip,
-    load_image,
-    pil_to_tensor,
-    tensor_to_uint8,
-)
+from ..images.figures import error_map, image_grid, image_strip
+from ..images.reading import centre_square, load_image, pil_to_tensor, tensor_to_uint8
 from ..latents.single_file import LatentFile, load_latent_file, save_latent_file
 from ..utils import option_values as values
 from ..utils.errors import EXIT_OK, CommandError, ImageError

@@ -2,4 +2,5 @@
 
     reading     read and check an image, convert it, crop it, find the images of a folder
     metrics     PSNR, SSIM and the bicubic baseline at equal values
+    figures     pictures for people: error maps, captioned strips, grids
 """

@@ -16,8 +16,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..codec.latent_codec import LatentCodec, interpolate_latents
+from ..images.figures import error_map, image_strip
 from ..images.metrics import bicubic_equal_values, psnr, ssim
-from ..images.reading import error_map, image_strip, tensor_to_uint8
+from ..images.reading import tensor_to_uint8
 from .measures import (
     ACTIVE_THRESHOLD,
     HALF_NYQUIST,
