@@ -37,7 +37,7 @@ from benchmarks.report import (
 )
 from latent_vae import build_vae
 from latent_vae.models.presets import downsampling_factor
-from latent_vae.pipeline import LatentDiffusionPipeline, build_unet, train_step
+from latent_vae.pipeline import LatentDiffusionPipeline, build_unet, denoising_step
 
 CLAIM = 50.0  # "latent diffusion is ~50x faster than pixel diffusion"
 NAME = "latent_vs_pixel"
@@ -157,7 +157,7 @@ def main(args: argparse.Namespace) -> None:
             generator = torch.Generator("cpu").manual_seed(0)
 
             def train():
-                train_step(unets[space], scheduler, optimizer, x, None, generator, autocast)
+                denoising_step(unets[space], scheduler, optimizer, x, None, generator, autocast)
 
             fwd_s, fwd_mib, fwd_status = measure(forward, device, fwd_gflop, max_gflop)
             train_s, train_mib, train_status = ((None, None, fwd_status) if args.no_train else

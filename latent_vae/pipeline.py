@@ -265,7 +265,7 @@ def denoising_loss(
     return F.mse_loss(prediction.float(), target.float())
 
 
-def train_step(
+def denoising_step(
     unet: UNet2DModel,
     scheduler,
     optimizer: torch.optim.Optimizer,
@@ -366,7 +366,7 @@ def train_unet(
             raise ValueError("this UNet is class-conditional: give class_labels with the latents")
         latents = latents.to(device, torch.float32)
         labels = None if labels is None else labels.to(device)
-        losses.append(train_step(unet, scheduler, optimizer, latents, labels, generator, autocast_dtype))
+        losses.append(denoising_step(unet, scheduler, optimizer, latents, labels, generator, autocast_dtype))
         if len(losses) == steps:
             break
     unet.eval()

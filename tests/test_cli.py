@@ -119,9 +119,9 @@ def test_interpolate_writes_a_strip(tmp_path, capsys, image_folder):
     assert strip.width == 4 * 32 + 3 * 4
 
 
-def test_demo_writes_reconstructions_of_the_shipped_photos(tmp_path, capsys):
+def test_sample_photos_writes_reconstructions_of_the_shipped_photos(tmp_path, capsys):
     pytest.importorskip("skimage")
-    code, out, err = run(capsys, "demo", "--out", tmp_path, "--resolution", 64, *MODEL)
+    code, out, err = run(capsys, "sample-photos", "--out", tmp_path, "--resolution", 64, *MODEL)
     assert code == 0 and (tmp_path / "reconstructions.png").is_file()
     assert "untrained" in err and "astronaut.png" in out
 
@@ -130,7 +130,7 @@ def test_demo_writes_reconstructions_of_the_shipped_photos(tmp_path, capsys):
 def test_help_explains_every_command():
     result = subprocess.run([sys.executable, "-m", "latent_vae", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
-    for command in ("encode", "decode", "reconstruct", "calibrate", "info", "interpolate", "demo"):
+    for command in ("encode", "decode", "reconstruct", "calibrate", "info", "interpolate", "sample-photos"):
         assert command in result.stdout
 
 

@@ -263,7 +263,7 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path, capsys, photos, device
 
 @pytest.mark.parametrize("argv", [
     ["info", "--resolution", "0"],
-    ["demo", "--resolution", "-1"],
+    ["sample-photos", "--resolution", "-1"],
     ["interpolate", "A", "A", "--steps", "1"],
     ["interpolate", "A", "A", "--resolution", "0"],
     ["encode", "A", "--max-pixels", "-1"],

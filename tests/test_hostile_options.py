@@ -128,7 +128,7 @@ def test_the_python_api_checks_options_with_the_same_parsers():
 # -- outputs that never destroy -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["calibrate", "convert", "encode", "decode", "reconstruct", "demo",
+@pytest.mark.parametrize("command", ["calibrate", "convert", "encode", "decode", "reconstruct", "sample-photos",
                                      "interpolate", "precompute"])
 @pytest.mark.parametrize("existing", ["file", "folder of something else"])
 def test_an_out_that_is_not_what_the_command_writes_is_refused_before_any_work(work, model_dir, command, existing):
@@ -146,7 +146,7 @@ def test_an_out_that_is_not_what_the_command_writes_is_refused_before_any_work(w
         "encode": ["encode", image, "--out", out, *MODEL],
         "decode": ["decode", work / "missing.safetensors", "--out", out, *MODEL],
         "reconstruct": ["reconstruct", image, "--out", out, *MODEL],
-        "demo": ["demo", "--out", out, "--resolution", 32, *MODEL],
+        "sample-photos": ["sample-photos", "--out", out, "--resolution", 32, *MODEL],
         "interpolate": ["interpolate", image, image, "--resolution", 32, "--out", out, *MODEL],
         "precompute": ["precompute", "--model", TINY, "--data", work / "photos", "--out", out, *PRECOMPUTE],
     }[command]

@@ -1,4 +1,4 @@
-"""The `latent-vae` command line: encode, decode, reconstruct, interpolate, demo, calibrate, info, convert, precompute,
+"""The `latent-vae` command line: encode, decode, reconstruct, interpolate, sample-photos, calibrate, info, convert, precompute,
 inspect, fp16-fix.
 
 Exit statuses (the same for every command): 0 everything done; 1 some inputs failed (each reported in one

@@ -1,4 +1,4 @@
-"""The coding commands: encode, decode, reconstruct, interpolate, and the demo on built-in photos."""
+"""The coding commands: encode, decode, reconstruct, interpolate, and sample-photos (the photos scikit-image ships)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .common import (
 
 # What each command writes into its --out folder: a rerun may replace these, nothing else is touched.
 LATENT_OUTPUTS, IMAGE_OUTPUTS = by_suffix(".safetensors"), by_suffix(".png")
-DEMO_OUTPUT = "reconstructions.png"
+SAMPLE_PHOTOS_OUTPUT = "reconstructions.png"
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -72,13 +72,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.set_defaults(func=run_interpolate)
 
-    p = commands.add_parser("demo", help="reconstruct built-in sample photos (no download) into a PNG",
+    p = commands.add_parser("sample-photos", help="reconstruct the sample photos scikit-image ships (no download) into a PNG",
                             description="Encode and decode real photos that scikit-image ships, write "
                             "OUT/reconstructions.png. With a preset the weights are untrained (noise).")
-    p.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
+    p.add_argument("--out", default="sample_photos", help="output folder (default sample_photos)")
     p.add_argument("--resolution", type=values.image_side, default=256, help="square side in pixels (default 256)")
     add_model_arguments(p, default="f16c16-narrow")
-    p.set_defaults(func=run_demo)
+    p.set_defaults(func=run_sample_photos)
 
 
 def run_encode(args: argparse.Namespace) -> int:
@@ -183,19 +183,19 @@ def sample_photos() -> list[Path]:
 
         folder = Path(str(files("skimage") / "data"))
     except ModuleNotFoundError:
-        raise CommandError("the demo's sample photos come with scikit-image: pip install 'latent-vae[demo]'") from None
+        raise CommandError("the sample photos come with scikit-image: pip install 'latent-vae[demo]'") from None
     names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
     return [folder / name for name in names if (folder / name).is_file()]
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_sample_photos(args: argparse.Namespace) -> int:
     from ..images.metrics import psnr
 
-    out_dir = check_output_folder(args.out, DEMO_OUTPUT, by_name(DEMO_OUTPUT))
+    out_dir = check_output_folder(args.out, SAMPLE_PHOTOS_OUTPUT, by_name(SAMPLE_PHOTOS_OUTPUT))
     codec = open_codec(args)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for path in tqdm(sample_photos(), desc="demo", unit="img"):
+    for path in tqdm(sample_photos(), desc="sample-photos", unit="img"):
         image = centre_square(load_image(path), args.resolution)
         encoded = codec.encode(image, return_dict=True)
         result = codec.decode(encoded.latents, image_size=encoded.image_size)  # a side not a multiple of the factor
@@ -206,7 +206,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                 [path.name, f"reconstruction {score:.2f} dB", "error x4"]))
         tqdm.write(f"{path.name}: {args.resolution}x{args.resolution} -> latent {tuple(encoded.latents.shape[1:])} "
                    f"-> PSNR {score:.2f} dB")
-    save_image(image_grid(rows), out_dir / DEMO_OUTPUT)
-    print(f"wrote {out_dir / DEMO_OUTPUT} (original | reconstruction | error)")
+    save_image(image_grid(rows), out_dir / SAMPLE_PHOTOS_OUTPUT)
+    print(f"wrote {out_dir / SAMPLE_PHOTOS_OUTPUT} (original | reconstruction | error)")
     return EXIT_OK
 

@@ -82,7 +82,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = D
 
 
 
-def find_images(data: str, limit: int = 0) -> tuple[list[Path], list[str]]:
+def list_input_images(data: str, limit: int = 0) -> tuple[list[Path], list[str]]:
     """The image files under the folder `data` (the first `limit`; 0: all) and one failure line, printed as it
     is found, per folder that could not be read; a CommandError when there is no image."""
     scan = scan_images(data)

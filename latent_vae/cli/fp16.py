@@ -10,7 +10,7 @@ from pathlib import Path
 from ..images.reading import pil_to_tensor
 from ..utils import option_values as values
 from ..utils.errors import EXIT_OK, EXIT_SOME_FAILED, CommandError, printable
-from .common import add_image_arguments, centre_squares, find_images, max_pixels
+from .common import add_image_arguments, centre_squares, list_input_images, max_pixels
 from .models import check_model_output
 
 
@@ -66,7 +66,7 @@ def run_fp16_fix(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {printable(args.out)} is the --model folder: write the fixed model to a new folder "
                            "(latents made by the source keep decoding with either)")
     limit = max_pixels(args)
-    paths, failures = find_images(args.data, args.limit)
+    paths, failures = list_input_images(args.data, args.limit)
     device = resolve_device(args.device)
     vae = load_vae(args.model, seed=args.seed)
     stage_graph(vae)  # a layer the transform cannot prove scale-invariant: refused before any image is read

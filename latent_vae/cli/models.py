@@ -21,7 +21,7 @@ from .common import (
     centre_squares,
     check_output_file,
     check_output_folder,
-    find_images,
+    list_input_images,
     max_pixels,
     open_codec,
 )
@@ -79,7 +79,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         check_model_output(args.out)
 
     limit = max_pixels(args)
-    paths, failures = find_images(args.data, args.limit)
+    paths, failures = list_input_images(args.data, args.limit)
     codec = open_codec(args)
     # one size for every image, so they batch: centre crop to a square, resize to --resolution
     images = [square for _, square in centre_squares(paths, args.resolution, limit, failures, "load")]
