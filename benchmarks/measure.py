@@ -13,7 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.report import synchronize
-from latent_vae.codec.latent_codec import resolve_device, resolve_dtype
+from latent_vae.utils.dtypes import resolve_dtype
+from latent_vae.utils.option_values import resolve_device
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:

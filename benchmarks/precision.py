@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from latent_vae import LatentCodec, NonFiniteError, load_vae
-from latent_vae.codec.latent_codec import resolve_device
 from latent_vae.fp16.layout import stage_graph
 from latent_vae.fp16.rescale import fp16_safe
 from latent_vae.images.reading import centre_square, find_images, load_image, pil_to_tensor
+from latent_vae.utils.option_values import resolve_device
 
 from .report import device_label, time_call, write_results
 

@@ -33,13 +33,13 @@ from PIL import Image
 from benchmarks.measure import result_name
 from benchmarks.report import device_label, synchronize, write_results
 from latent_vae import LatentCodec, build_vae
-from latent_vae.codec.latent_codec import resolve_device
 from latent_vae.images.reading import load_image
 from latent_vae.latents import precompute  # StageClock patches its loop
 from latent_vae.latents.encoding import prepare_image
 from latent_vae.latents.options import PrecomputeOptions
 from latent_vae.latents.precompute import precompute_latents
 from latent_vae.latents.sources import open_source
+from latent_vae.utils.option_values import resolve_device
 
 NAME = "precompute_speed"
 GOAL = 0.90

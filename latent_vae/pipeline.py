@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .codec.latent_codec import NonFiniteError
 from .codec.normalization import LatentNormalization
-from .fp16.rescale import fix_advice
+from .models.loading import fp16_advice
 from .models.presets import downsampling_factor
 
 # The UNet of the latent-vs-pixel benchmark (`benchmarks/latent_vs_pixel.py`).
@@ -164,7 +164,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         raw = self.normalization.denormalize(latents.float()).to(self.vae.dtype)
         images = self.vae.decode(raw).sample.float()
         if not torch.isfinite(images).all():
-            fix = f", or {fix_advice(self.vae)}" if self.vae.dtype == torch.float16 else ""
+            fix = f", or {fp16_advice(self.vae)}" if self.vae.dtype == torch.float16 else ""
             raise NonFiniteError(f"NaN or inf in the decoded images: run the VAE in fp32 (or bf16){fix}")
         return images.clamp(-1.0, 1.0)
 

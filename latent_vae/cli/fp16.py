@@ -51,10 +51,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run_fp16_fix(args: argparse.Namespace) -> int:
     from diffusers import AutoencoderKL
 
-    from ..codec.latent_codec import resolve_device
     from ..fp16.layout import is_power_of_two, stage_graph
     from ..fp16.rescale import fp16_safe, save_fp16_safe
     from ..models.loading import load_vae, model_folder
+    from ..utils.option_values import resolve_device
 
     # everything that can be refused is refused before the work
     if not (is_power_of_two(args.headroom) and args.headroom >= 1):

@@ -14,7 +14,6 @@ from diffusers import AutoencoderKL
 from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
-from ..fp16.rescale import fix_advice
 from ..images.reading import (
     ImageInput,
     as_image_tensors,
@@ -23,32 +22,19 @@ from ..images.reading import (
     tensor_to_pil,
     tensor_to_uint8,
 )
-from ..models.loading import apply_groupnorm_eps, function_fingerprints, load_vae, model_fingerprint
+from ..models.loading import (
+    apply_groupnorm_eps,
+    fp16_advice,
+    function_fingerprints,
+    load_vae,
+    model_fingerprint,
+)
 from ..models.presets import downsampling_factor
 from ..utils.dtypes import SHORT_NAMES, resolve_dtype
 from ..utils.errors import NonFiniteError
+from ..utils.option_values import resolve_device
 from .normalization import LatentNormalization, write_normalization
 from .tiling import CodingPlan, decode_exact, encode_exact, parse_memory, plan_coding
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None` or "auto": cuda, then mps, then cpu. A device that is not there is a ValueError saying what is."""
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; choose cpu, cuda, cuda:N, mps or auto") from None
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if resolved.type in available and not available[resolved.type]():
-        raise ValueError(f"device {device!r} is not available on this machine; use --device cpu or auto")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return resolved
 
 
 @dataclass
@@ -280,7 +266,7 @@ class LatentCodec:
             else "the weights or the input contain NaN/inf"
         )
         if self.dtype == torch.float16:  # fp16 overflow is a property of the weights: `latent_vae.fp16.rescale` removes it
-            advice += f", or {fix_advice(self.vae)}"
+            advice += f", or {fp16_advice(self.vae)}"
         raise NonFiniteError(f"NaN or inf while {stage} in {name}: {advice}")
 
 

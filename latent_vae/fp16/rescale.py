@@ -298,16 +298,6 @@ def fp16_safe(vae: AutoencoderKL, samples: Iterable[torch.Tensor] | torch.Tensor
     )
 
 
-def fix_advice(vae: AutoencoderKL) -> str:
-    """What to do when `vae` overflows fp16: the command that rescales it (naming its folder when known)."""
-    model = vae.config.get("_name_or_path") or "MODEL"
-    advice = (f"rescale the model once into fp16's range with the same function: `latent-vae fp16-fix --model {model} "
-              "--data IMAGES --out FIXED`, then use FIXED")
-    if vae.config.get(GROUPNORM_EPS_KEY):
-        advice += " (this model was rescaled already: calibrate on larger images or with more --headroom)"
-    return advice
-
-
 def save_fp16_safe(vae: AutoencoderKL, report: Fp16Report, out_dir: str | os.PathLike) -> Path:
     """The fixed model as a diffusers folder (`latent_vae.models.loading.save_vae`), with the report beside it
     (fp16_fix.json); written to a temporary folder and renamed, so `out_dir` is never half-written."""

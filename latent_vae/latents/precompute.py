@@ -37,6 +37,7 @@ from ..images.reading import load_image
 from ..utils.atomic import atomic_write_text
 from ..utils.dtypes import dtype_name
 from ..utils.errors import ImageError
+from ..utils.option_values import resolve_device
 from . import format as fmt
 from .claims import HOST, Claims, Heartbeat, Owner
 from .encoding import (
@@ -396,7 +397,7 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
 
     opts = _options(options, overrides)
     out = Path(out)
-    wanted = torch.device(opts.device) if opts.device else None
+    wanted = resolve_device(opts.device) if opts.device not in (None, "auto") else None
     state = PartialState(cpu=wanted is not None and wanted.type == "cpu")
     device = wanted or state.device
     if device.type == "cuda" and device.index is None and state.device.type == "cuda":

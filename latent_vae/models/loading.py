@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..utils.atomic import atomic_path
-from ..utils.errors import ModelLoadError, one_line
+from ..utils.errors import ModelLoadError, fp16_fix_advice, one_line
 from ..utils.file_boundary import parse_json, read_json
 from .presets import PRESETS, VAEPreset, get_preset
 from .residual import ResidualAutoencoderKL
@@ -205,6 +205,12 @@ def _load_single_file(path: Path) -> AutoencoderKL:
         f"{path} carries no diffusers config: an original LDM/SD-layout checkpoint? Convert it once with "
         f"`latent-vae convert {path} --out FOLDER` and pass the folder"
     )
+
+
+def fp16_advice(vae: AutoencoderKL) -> str:
+    """What to do when `vae` overflows fp16 (the text lives with the other errors; the model side knows its name
+    and whether it was rescaled already)."""
+    return fp16_fix_advice(vae.config.get("_name_or_path"), bool(vae.config.get(GROUPNORM_EPS_KEY)))
 
 
 def apply_groupnorm_eps(vae: AutoencoderKL, where: str = "config") -> AutoencoderKL:

@@ -86,6 +86,16 @@ def input_failure(path: str | Path, error: BaseException) -> str:
     return reason if reason.startswith(name) else f"{name}: {reason}"
 
 
+def fp16_fix_advice(model: str | None, rescaled: bool) -> str:
+    """What to do when a model overflows fp16: the command that rescales it into fp16's range with the same function
+    (naming its folder when known); `rescaled`: it was rescaled already, so calibrate on more."""
+    advice = (f"rescale the model once into fp16's range with the same function: `latent-vae fp16-fix --model "
+              f"{model or 'MODEL'} --data IMAGES --out FIXED`, then use FIXED")
+    if rescaled:
+        advice += " (this model was rescaled already: calibrate on larger images or with more --headroom)"
+    return advice
+
+
 def short_repr(value: Any, limit: int = 60) -> str:
     """`repr(value)`, cut to `limit` characters: a value quoted inside a one-line message."""
     text = repr(value)

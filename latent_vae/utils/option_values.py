@@ -14,9 +14,12 @@ import argparse
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import short_repr
+
+if TYPE_CHECKING:
+    import torch
 
 # Counts (images, steps, pixels, workers) above this are surely a typo, and some would overflow a C int later.
 MAX_COUNT = 2**31 - 1
@@ -125,17 +128,24 @@ def byte_size(value: Any, minimum: int = MIN_MEMORY) -> int:
     return int(number)
 
 
-def device(value: Any) -> str:
-    """'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', checked to exist on this machine (a device that is not there is
-    an error here, before any model is built or any output written)."""
-    text = str(value).strip().lower()
-    if text in ("auto", "cpu"):
-        return text
-    match = re.fullmatch(r"(cuda|mps)(?::(\d{1,3}))?", text)
-    if match is None:
-        raise BadValue(f"must be a device ({DEVICE_NAMES}), got {short_repr(value, 40)}")
+def resolve_device(value: Any) -> torch.device:
+    """The one device check: None or 'auto' -> cuda, then mps, then cpu; 'cpu', 'cuda', 'cuda:N' or 'mps' (or a
+    torch.device) -> that device, which must exist on this machine (else `BadValue`, before any model is built
+    or any output written)."""
     import torch
 
+    if isinstance(value, torch.device):
+        value = str(value)
+    text = "auto" if value is None else str(value).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d{1,3}))?", text)
+    if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
+        raise BadValue(f"must be a device ({DEVICE_NAMES}), got {short_repr(value, 40)}")
     kind, index = match.group(1), match.group(2)
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -143,8 +153,16 @@ def device(value: Any) -> str:
             raise BadValue(f"{short_repr(value, 40)}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
         if index is not None and int(index) >= count:
             raise BadValue(f"{short_repr(value, 40)}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    elif kind == "mps" and not torch.backends.mps.is_available():
         raise BadValue(f"{short_repr(value, 40)}: this machine has no MPS device; use cpu")
+    return torch.device(text)
+
+
+def device(value: Any) -> str:
+    """A device option's text ('auto', 'cpu', 'cuda', 'cuda:N' or 'mps'), checked by `resolve_device`."""
+    text = str(value).strip().lower()
+    if text != "auto":
+        resolve_device(text)
     return text
 
 
