@@ -129,40 +129,37 @@ def byte_size(value: Any, minimum: int = MIN_MEMORY) -> int:
 
 
 def resolve_device(value: Any) -> torch.device:
-    """The one device check: None or 'auto' -> cuda, then mps, then cpu; 'cpu', 'cuda', 'cuda:N' or 'mps' (or a
-    torch.device) -> that device, which must exist on this machine (else `BadValue`, before any model is built
-    or any output written)."""
+    """The one device check: None or 'auto' -> cuda, then mps, then cpu; any other device (text or torch.device)
+    must exist on this machine, else `BadValue` (before any model is built or any output written)."""
     import torch
 
-    if isinstance(value, torch.device):
-        value = str(value)
-    text = "auto" if value is None else str(value).strip().lower()
-    if text == "auto":
+    if value is None or str(value).strip().lower() == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d{1,3}))?", text)
-    if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
-        raise BadValue(f"must be a device ({DEVICE_NAMES}), got {short_repr(value, 40)}")
-    kind, index = match.group(1), match.group(2)
-    if kind == "cuda":
+    try:
+        resolved = torch.device(str(value).strip().lower() if isinstance(value, str) else value)
+    except (RuntimeError, TypeError):
+        raise BadValue(f"must be a device ({DEVICE_NAMES}), got {short_repr(value, 40)}") from None
+    if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise BadValue(f"{short_repr(value, 40)}: this machine has no CUDA device (torch {torch.__version__}); use cpu")
-        if index is not None and int(index) >= count:
+        if resolved.index is not None and resolved.index >= count:
             raise BadValue(f"{short_repr(value, 40)}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif kind == "mps" and not torch.backends.mps.is_available():
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise BadValue(f"{short_repr(value, 40)}: this machine has no MPS device; use cpu")
-    return torch.device(text)
+    return resolved
 
 
 def device(value: Any) -> str:
-    """A device option's text ('auto', 'cpu', 'cuda', 'cuda:N' or 'mps'), checked by `resolve_device`."""
+    """A device option's text: one of DEVICE_NAMES, which must exist here (`resolve_device`)."""
     text = str(value).strip().lower()
-    if text != "auto":
-        resolve_device(text)
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", text):
+        raise BadValue(f"must be a device ({DEVICE_NAMES}), got {short_repr(value, 40)}")
+    resolve_device(text)
     return text
 
 
