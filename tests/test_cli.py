@@ -62,7 +62,7 @@ def test_decoding_a_latent_from_another_model_or_a_wrong_file_is_refused(tmp_pat
     run(capsys, "encode", image_folder / "img0.png", "--out", tmp_path / "lat", *MODEL)
     code, _, err = run(capsys, "decode", tmp_path / "lat" / "img0.safetensors", "--out", tmp_path / "png",
                        "--model", TINY, "--seed", "1", "--device", "cpu")
-    assert code == 1 and "made by another model" in err
+    assert code == 1 and "not by the given model" in err
     save_file({"latents": torch.zeros(16, 4, 4)}, str(tmp_path / "foreign.safetensors"))
     save_file({"something": torch.zeros(3)}, str(tmp_path / "nokey.safetensors"))
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 40)

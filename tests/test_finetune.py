@@ -79,7 +79,7 @@ def test_converted_model_codes_calibrates_precomputes_and_fine_tunes_with_a_froz
     assert record["encoder_unchanged"] and record["normalization_unchanged"]
     assert record["source_fingerprint"] == LatentCodec.from_pretrained(source).fingerprint != record["fingerprint"]
 
-    # The old latents: the fine-tuned model's fingerprint differs (its decoder changed), so load_latents names
+    # The source model's latents: the fine-tuned model's fingerprint differs (its decoder changed), so load_latents names
     # the source model (or its recorded fingerprint); the fine-tuned codec decodes them and re-encodes to them.
     with pytest.raises(ValueError, match="not by the given model"):
         load_latents(latents_dir, model=str(exported))

@@ -118,7 +118,7 @@ print(json.dumps(results))
 
 
 def test_two_concurrent_runs_into_one_out_never_duplicate_or_lose_a_row(setup, tmp_path):
-    """The old code wrote 43-44 rows for 40 inputs in 3 tries of 6: here 6 races, started together each time."""
+    """Two runs started together, six times: a commit protocol that lets both finish one shard writes its rows twice."""
     model, images, good, bad = setup
     rounds = 6
     runs = [subprocess.Popen([sys.executable, "-c", RACE, str(model), str(images), str(tmp_path), who, str(rounds)],

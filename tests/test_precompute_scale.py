@@ -226,9 +226,8 @@ def test_decode_threads_keep_a_shards_order_and_what_was_read_before_a_cut(tmp_p
 
 @pytest.mark.slow
 def test_debris_of_a_run_killed_while_claiming_blocks_nothing(model_dir, tmp_path):
-    # A kill between creating a claim and writing its owner used to leave an empty claim that every rerun
-    # waited on for the whole claim timeout. Claims are now published whole; debris (empty, damaged) is stale,
-    # and a dead process's half-published claim is removed.
+    # A claim that does not parse (empty, cut short) must not make a rerun wait for the whole claim timeout:
+    # it is debris, stale at once, and a dead process's half-published claim is removed.
     samples = img2dataset_shards(tmp_path / "tars", shards=2, per_shard=2)
     claims = tmp_path / "latents" / "claims"
     claims.mkdir(parents=True)

@@ -106,12 +106,7 @@ def run_decode(args: argparse.Namespace) -> int:
     taken: set[str] = set()
 
     def decode_one(path: Path) -> None:
-        latent = load_latent_file(path)
-        if latent.fingerprint not in codec.fingerprints:  # its own, or a model with the same function (fp16-fix)
-            raise ValueError(
-                f"{path}: made by another model (fingerprint {latent.fingerprint}, this model {codec.fingerprint}); "
-                "decode it with the model that encoded it"
-            )
+        latent = load_latent_file(path, model=codec)
         if latent.latents.shape[0] != codec.latent_channels:
             raise ValueError(f"{path}: {latent.latents.shape[0]} latent channels, this model has {codec.latent_channels}")
         expected = codec.latent_shape(*latent.image_size)

@@ -23,6 +23,7 @@ from typing import ClassVar
 from ..utils import option_values as values
 from ..utils.atomic import left_by_dead_process, pid_alive, publish_exclusive
 from ..utils.errors import one_line
+from ..utils.file_boundary import json_or_none
 from .format import CLAIM_DIR
 
 HOST = socket.gethostname()
@@ -90,8 +91,8 @@ class Claims:
         except FileNotFoundError:
             return None, b""
         try:
-            holder = Owner(**{k: v for k, v in json.loads(content).items() if k in Owner.__dataclass_fields__})
-        except (json.JSONDecodeError, TypeError, AttributeError):
+            holder = Owner(**{k: v for k, v in json_or_none(content).items() if k in Owner.__dataclass_fields__})
+        except (TypeError, AttributeError):
             return True, content  # claims are published whole: one that does not parse is debris
         # A run that ended inside this very process (after an error, in a notebook) holds nothing any more.
         ended_run_here = (holder.host, holder.pid) == (self.owner.host, self.owner.pid) \
@@ -133,9 +134,9 @@ class Claims:
         """Remove our claim (not one that another process has taken over meanwhile)."""
         path = self.path(name)
         try:
-            if json.loads(path.read_bytes()).get("run_id") == self.owner.run_id:
+            if (json_or_none(path.read_bytes()) or {}).get("run_id") == self.owner.run_id:
                 path.unlink()
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, AttributeError):
             pass
 
 

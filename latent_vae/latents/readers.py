@@ -27,38 +27,17 @@ from .format import (
     read_manifests,
     unpack,
 )
+from .provenance import check_made_by
 from .writer import shard_state
-
-
-def _fingerprints_of(model: Any) -> tuple[str, ...]:
-    """A model given any way (LatentCodec, AutoencoderKL, folder, .safetensors, fingerprint string) -> the
-    fingerprints whose latents it reads: its own first, then those of models with the same function
-    (`latent_vae.models.loading.function_fingerprints`)"""
-    from diffusers import AutoencoderKL
-
-    from ..codec.latent_codec import LatentCodec
-    from ..models.loading import function_fingerprints, load_vae
-
-    if isinstance(model, LatentCodec):
-        return model.fingerprints
-    if isinstance(model, AutoencoderKL):
-        return function_fingerprints(model)
-    is_hex16 = isinstance(model, str) and len(model) == 16 and all(c in "0123456789abcdef" for c in model)
-    if is_hex16 and not Path(model).exists():  # a fingerprint, not a folder that happens to look like one
-        return (model,)
-    return function_fingerprints(load_vae(model))
 
 
 def check_compatible(info: LatentInfo, path: str | os.PathLike, *, model: Any = None,
                      resolution: int | None = None) -> None:
     """A stale cache is a silent bug: refuse latents made by another model or at another resolution."""
     if model is not None:
-        fingerprints = _fingerprints_of(model)
-        if info.fingerprint not in fingerprints:
-            raise ValueError(
-                f"{path}: latents were made by model {info.fingerprint} ({info.model_source or 'unnamed'}), "
-                f"not by the given model {fingerprints[0]}; recompute them with `latent-vae precompute --model ...` "
-                "or load them with the model that made them")
+        check_made_by(model, info.fingerprint, path, made_by=info.model_source or "unnamed",
+                      what_to_do="recompute them with `latent-vae precompute --model ...` or load them with the "
+                      "model that made them")
     if resolution is not None and int(resolution) != info.resolution:
         raise ValueError(f"{path}: latents were made at resolution {info.resolution}, not {resolution}; "
                          f"recompute them with `latent-vae precompute --resolution {resolution}`")

@@ -6,13 +6,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..images.reading import check_input_file
 from ..utils.atomic import atomic_path
+from ..utils.file_boundary import json_or_none, parse_json, reading
+from .provenance import check_made_by
 
 LATENT_KEY = "latents"
 FORMAT = "latent-vae/latent-v1"
@@ -45,30 +48,23 @@ def save_latent_file(path: str | os.PathLike, latent: LatentFile) -> Path:
 
 
 def _image_size(path: Path, text: str | None) -> tuple[int, int]:
-    try:
-        size = json.loads(text) if text is not None else None
-    except json.JSONDecodeError:
-        size = None
+    size = json_or_none(text) if text is not None else None
     if (not isinstance(size, list) or len(size) != 2
             or not all(type(side) is int and side > 0 for side in size)):  # type(): no bools, no floats
         raise ValueError(f"{path}: metadata 'image_size' must be [height, width] in positive whole pixels, got {text!r}")
     return size[0], size[1]
 
 
-def load_latent_file(path: str | os.PathLike) -> LatentFile:
-    """Read and check a latent file; anything else is a ValueError that names the file and the problem."""
+def load_latent_file(path: str | os.PathLike, *, model: Any = None) -> LatentFile:
+    """Read and check a latent file; anything else is a ValueError that names the file and the problem. With a
+    `model` (any form `latents.provenance` takes), a latent that another model made is refused too."""
     path = Path(path)
     check_input_file(path, "a latent file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if LATENT_KEY not in f.keys():
-                raise ValueError(f"{path}: no {LATENT_KEY!r} tensor in it (keys: {', '.join(f.keys()) or 'none'})")
-            latents = f.get_tensor(LATENT_KEY)
-    except SafetensorError as error:
-        raise ValueError(f"{path}: not a readable .safetensors file ({error})") from None
-    except PermissionError:
-        raise ValueError(f"{path}: permission denied") from None
+    with reading(path, ".safetensors file"), safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if LATENT_KEY not in f.keys():
+            raise ValueError(f"{path}: no {LATENT_KEY!r} tensor in it (keys: {', '.join(f.keys()) or 'none'})")
+        latents = f.get_tensor(LATENT_KEY)
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: not a latent-vae latent file (made by `latent-vae encode`)")
     if latents.dtype not in FLOAT_DTYPES:
@@ -81,10 +77,9 @@ def load_latent_file(path: str | os.PathLike) -> LatentFile:
     fingerprint = metadata.get("fingerprint")
     if not fingerprint:
         raise ValueError(f"{path}: no model fingerprint in its metadata, so the model that made it is unknown")
-    try:
-        normalization = json.loads(metadata.get("normalization", "{}"))
-    except json.JSONDecodeError:
-        raise ValueError(f"{path}: metadata 'normalization' is not JSON") from None
+    if model is not None:
+        check_made_by(model, fingerprint, path, what_to_do="decode it with the model that encoded it")
+    normalization = parse_json(metadata.get("normalization", "{}"), str(path), what="JSON in metadata 'normalization'")
     return LatentFile(
         latents=latents.float(),
         fingerprint=fingerprint,

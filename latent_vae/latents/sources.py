@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import re
 import tarfile
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..images.reading import IMAGE_SUFFIXES
-from ..utils.file_boundary import parse_json, reading
+from ..utils.file_boundary import json_or_none, parse_json, reading
 from .metadata import uniform_columns
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -113,11 +112,10 @@ class TarShard:
         metadata = members[TAR_JSON].decode("utf-8", "replace") if TAR_JSON in members else None
         caption = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else None
         if caption is None and metadata is not None:
-            try:  # a caption that is not text (a number, a dict) is stored as its JSON text (dataset.metadata)
-                parsed = json.loads(metadata)
-                caption = parsed.get("caption", parsed.get("text")) if isinstance(parsed, dict) else None
-            except (ValueError, RecursionError):  # not JSON, or nested too deeply: the member is kept as text
-                pass
+            # a caption that is not text (a number, a dict) is stored as its JSON text (latents.metadata); a member
+            # that is not JSON is kept as text
+            parsed = json_or_none(metadata)
+            caption = parsed.get("caption", parsed.get("text")) if isinstance(parsed, dict) else None
         return Sample(key, image, f"{self.path}:{key}", {TAR_CAPTION: caption, TAR_JSON: metadata})
 
 

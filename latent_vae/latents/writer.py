@@ -113,7 +113,7 @@ def shard_state(out: Path, name: str) -> str:
     try:
         staged = out / STAGING_DIR / Manifest.read(manifest_file).staged_file
         os.replace(staged, data)
-    except (FileNotFoundError, ValueError, TypeError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError, TypeError):
         pass
     return "complete" if data.is_file() else "broken"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..utils.atomic import atomic_path
 from ..utils.errors import ModelLoadError, fp16_fix_advice, one_line
-from ..utils.file_boundary import parse_json, read_json
+from ..utils.file_boundary import parse_json, read_json, reader_errors, reading
 from .presets import PRESETS, VAEPreset, get_preset
 from .residual import ResidualAutoencoderKL
 
@@ -122,17 +122,14 @@ def _read_config(path: Path) -> dict:
 def _check_safetensors(path: Path) -> None:
     """Open the header (which also checks that the file is as long as it says): a truncated, corrupt or
     renamed file is a ModelLoadError naming it, before diffusers sees it."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except SafetensorError as error:
-        raise ModelLoadError(f"{path}: not a readable .safetensors file ({error})") from None
-    except OSError as error:
-        raise ModelLoadError(f"{path}: cannot read ({error.strerror or error})") from None
+    with reading(path, ".safetensors file", ModelLoadError), safe_open(str(path), framework="pt") as f:
+        f.keys()
 
 
-# What building a model or loading weights raises for a bad file (diffusers, torch, safetensors).
-LOAD_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError)
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What building a model and loading its weights raises for bad files: what any reader raises (the file
+    boundary's list), and torch's RuntimeError for weights that do not fit the architecture."""
+    return (*reader_errors(), RuntimeError)
 
 
 def model_folder(path: Path) -> Path | None:
@@ -167,7 +164,7 @@ def load_vae(source: str | os.PathLike, *, seed: int | None = 0) -> AutoencoderK
             vae = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
         except ModelLoadError:
             raise
-        except LOAD_ERRORS as error:
+        except load_errors() as error:
             raise ModelLoadError(f"{folder}: cannot load the model ({one_line(error)})") from None
         return apply_groupnorm_eps(vae, str(folder / "config.json"))
     if path.is_file():
@@ -183,13 +180,10 @@ def load_vae(source: str | os.PathLike, *, seed: int | None = 0) -> AutoencoderK
 
 def _load_single_file(path: Path) -> AutoencoderKL:
     _check_safetensors(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            # Only a file that carries its config is loaded; an LDM checkpoint's tensors are not read just to refuse it.
-            state_dict = {key: f.get_tensor(key) for key in f.keys()} if CONFIG_METADATA_KEY in metadata else {}
-    except (SafetensorError, OSError) as error:
-        raise ModelLoadError(f"{path}: not a readable .safetensors file ({one_line(error)})") from None
+    with reading(path, ".safetensors file", ModelLoadError), safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        # Only a file that carries its config is loaded; an LDM checkpoint's tensors are not read just to refuse it.
+        state_dict = {key: f.get_tensor(key) for key in f.keys()} if CONFIG_METADATA_KEY in metadata else {}
     if CONFIG_METADATA_KEY in metadata:
         where = f"{path} (config in its metadata)"
         config = parse_json(metadata[CONFIG_METADATA_KEY], where, ModelLoadError)
@@ -197,7 +191,7 @@ def _load_single_file(path: Path) -> AutoencoderKL:
         try:
             vae = cls.from_config(config)
             vae.load_state_dict(state_dict, strict=True)
-        except LOAD_ERRORS as error:
+        except load_errors() as error:
             raise ModelLoadError(f"{path}: cannot load the model ({one_line(error)})") from None
         return apply_groupnorm_eps(vae, where)
     # An original (LDM/SD-format) checkpoint: diffusers converts those, but needs a local config.

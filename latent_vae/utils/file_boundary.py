@@ -5,7 +5,8 @@ Readers raise many things for a file that is not what it should be: `json` a JSO
 RecursionError for deep nesting; pyarrow an ArrowInvalid (with no file name); zipfile a BadZipFile; YAML a
 YAMLError; a number too large an OverflowError. Wrapped in `reading(path, what, error)`, each becomes
 `error("PATH: not a readable WHAT (Type: reason)")`, which the commands print as one line (exit 2, or one
-failed input). The project's own errors pass through unchanged.
+failed input). The project's own errors pass through unchanged. Where a damaged file is expected debris rather
+than an error (a claim that a killed process published half), `json_or_none` says "not JSON" without raising.
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ def parse_json(text: str, where: str, kind: type[Exception] = ValueError, what: 
         raise kind(f"{printable(where)}: not valid {what} ({'empty' if not text.strip() else error})") from None
     except (RecursionError, ValueError, TypeError) as error:  # deep nesting, a number past float range, ...
         raise bad_file(where, what, error, kind) from None
+
+
+def json_or_none(content: str | bytes) -> Any:
+    """The value of JSON `content`, or None when it is not JSON: for files that a killed writer may leave damaged,
+    where a damaged file is debris to step over, not an error to report (a claim published half)."""
+    try:
+        return json.loads(content)
+    except (RecursionError, ValueError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
 
 
 def read_json(path: str | os.PathLike, kind: type[Exception] = ValueError, *, what: str = "JSON file",
