@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "EncodeOutput": "codec.latent_codec", "LatentCodec": "codec.latent_codec",
     "interpolate_latents": "codec.latent_codec",
-    "LatentNormalization": "codec.normalization", "calibrate": "codec.normalization",
+    "LatentNormalization": "models.normalization", "calibrate": "models.normalization",
     "CodingPlan": "codec.tiling", "enable_exact_tiling": "codec.tiling", "plan_coding": "codec.tiling",
     "ImageError": "utils.errors", "ModelLoadError": "utils.errors", "NonFiniteError": "utils.errors",
     "load_image": "images.reading",

@@ -22,8 +22,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from .codec.latent_codec import NonFiniteError
-from .codec.normalization import LatentNormalization
 from .models.loading import fp16_advice
+from .models.normalization import LatentNormalization
 from .models.presets import downsampling_factor
 
 # The UNet of the latent-vs-pixel benchmark (`benchmarks/latent_vs_pixel.py`).

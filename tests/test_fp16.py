@@ -17,7 +17,6 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from latent_vae import LatentCodec, LatentNormalization, build_vae, load_vae, model_fingerprint
-from latent_vae.codec.normalization import write_normalization
 from latent_vae.fp16.rescale import (
     FP16_MAX,
     REPORT_FILE,
@@ -28,6 +27,7 @@ from latent_vae.fp16.rescale import (
 )
 from latent_vae.models.convert import LDMArchitecture
 from latent_vae.models.loading import GROUPNORM_EPS_KEY, function_fingerprints
+from latent_vae.models.normalization import write_normalization
 from latent_vae.models.presets import get_preset
 from latent_vae.models.residual import ResidualAutoencoderKL
 

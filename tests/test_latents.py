@@ -197,7 +197,6 @@ def test_buckets_have_equal_area_and_sides_divisible_by_16():
 
 def test_the_cli_square_crop_is_the_pixels_precompute_encodes():
     # One crop: `latent-vae interpolate`/`calibrate` and the demo (centre_square) and precompute cut and resample alike.
-    from latent_vae.cli.precompute import add_precompute_arguments
     from latent_vae.images.reading import centre_square
     from latent_vae.latents.encoding import prepare_image
     from latent_vae.latents.options import PrecomputeOptions

@@ -6,8 +6,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from latent_vae import ModelLoadError, build_vae, load_vae, model_fingerprint, save_single_file, save_vae
-from latent_vae.codec.normalization import LatentNormalization, write_normalization
 from latent_vae.models.loading import codec_flops
+from latent_vae.models.normalization import LatentNormalization, write_normalization
 
 TINY = "f16c16-tiny"
 

@@ -10,7 +10,7 @@ from helpers import FP32_OP, assert_close
 
 from latent_vae import LatentCodec, LatentNormalization, build_vae
 from latent_vae.codec.latent_codec import NonFiniteError
-from latent_vae.codec.normalization import write_normalization
+from latent_vae.models.normalization import write_normalization
 from latent_vae.pipeline import (
     LatentDiffusionPipeline,
     build_unet,

@@ -12,7 +12,7 @@ import torch
 from helpers import FP32_OP, assert_close
 
 from latent_vae import LatentNormalization, build_vae
-from latent_vae.codec.normalization import write_normalization
+from latent_vae.models.normalization import write_normalization
 
 LATENT = 4  # latent side: 64x64 images
 

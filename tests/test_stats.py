@@ -4,7 +4,7 @@ from diffusers import AutoencoderKL
 from helpers import FP32_OP, FP32_REORDER, assert_close, smooth_image
 
 from latent_vae import LatentCodec, build_vae, calibrate, load_vae, save_vae
-from latent_vae.codec.normalization import RunningLatentStats
+from latent_vae.models.normalization import RunningLatentStats
 
 
 def images(n=6):

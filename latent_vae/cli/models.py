@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..codec.normalization import calibrate
+from ..models.normalization import calibrate
 from ..models.presets import DEFAULT_PRESET, downsampling_factor
 from ..utils import option_values as values
 from ..utils.atomic import atomic_directory, atomic_write_text

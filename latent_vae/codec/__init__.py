@@ -1,6 +1,5 @@
 """The coding side: images in, normalised latents out, and back.
 
     latent_codec    `LatentCodec`: encode and decode with the model's normalisation, any input, any size
-    normalization   the constants that give a diffusion model unit-variance latents (`calibrate`)
     tiling/         exact tiles: the same function as the whole image, in bounded memory
 """

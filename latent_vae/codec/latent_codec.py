@@ -29,11 +29,11 @@ from ..models.loading import (
     load_vae,
     model_fingerprint,
 )
+from ..models.normalization import LatentNormalization, write_normalization
 from ..models.presets import downsampling_factor
 from ..utils.dtypes import SHORT_NAMES, resolve_dtype
 from ..utils.errors import NonFiniteError
 from ..utils.option_values import resolve_device
-from .normalization import LatentNormalization, write_normalization
 from .tiling import CodingPlan, decode_exact, encode_exact, parse_memory, plan_coding
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..codec.normalization import LatentNormalization
+from ..models.normalization import LatentNormalization
 from ..utils.atomic import publish_exclusive
 from ..utils.dtypes import resolve_dtype
 from ..utils.errors import short_repr

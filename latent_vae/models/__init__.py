@@ -2,6 +2,7 @@
 
     presets     named architectures (`VAEPreset`, `PRESETS`)
     loading     build, load and save a VAE (diffusers folders and single files, safetensors only); fingerprints
+    normalization  the constants in a model's config that give a diffusion model unit-variance latents (`calibrate`)
     residual    `ResidualAutoencoderKL`: the shortcut models that start from a thumbnail or block code
     convert     LDM-layout checkpoints -> diffusers folders, through a pickle reader that runs no code
 """

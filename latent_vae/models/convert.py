@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ..codec.normalization import LatentNormalization
 from ..utils import option_values as values
 from ..utils.errors import ConvertError, one_line
 from ..utils.file_boundary import reading
+from .normalization import LatentNormalization
 
 # LDM's Normalize() is GroupNorm(32, C, eps=1e-6) everywhere: the group count is not in the weights.
 LDM_NORM_GROUPS = 32

@@ -47,7 +47,7 @@ class VAEPreset:
             latent_channels=self.latent_channels,
             norm_num_groups=self.norm_num_groups,
             mid_block_add_attention=self.mid_block_add_attention,
-            # Normalisation is calibrated from data (`latent_vae.codec.normalization`), never guessed: start neutral.
+            # Normalisation is calibrated from data (`latent_vae.models.normalization`), never guessed: start neutral.
             scaling_factor=1.0,
             shift_factor=0.0,
             latents_mean=None,
