@@ -1,10 +1,12 @@
 """Claims: at most one process works on an input shard at a time, across runs, ranks and nodes.
 
-A claim is a file `DST/claims/NAME.claim` published exclusively and whole (a hard link: of several processes one
-succeeds) holding its owner (host, pid, the pid's start time, run id); a heartbeat refreshes its mtime. A
-claim is stale when its owner is surely gone (same host: no such process) or has not heartbeated for the
-timeout (another host), and is then taken over by a rename, which one process wins. Claims save work; what
-makes a shard's rows exactly once is the exclusive commit of its manifest (`latent_vae.latents.writer.commit_shard`).
+A claim is a record `claims/NAME.claim` in the dataset's store (`latent_vae.latents.storage`), published
+exclusively and whole (of several processes one succeeds) holding its owner (host, pid, the pid's start time,
+run id); a heartbeat refreshes it (a local file's mtime; an object store's claim rewritten if unchanged). A claim
+is stale when its owner is surely gone (same host: no such process) or has not heartbeated for the timeout
+(another host), and is then taken over by a compare-and-swap on what was seen, which one process wins. Claims
+save work; what makes a shard's rows exactly once is the exclusive commit of its manifest
+(`latent_vae.latents.writer.commit_shard`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..utils import option_values as values
-from ..utils.atomic import left_by_dead_process, pid_alive, publish_exclusive
+from ..utils.atomic import pid_alive
 from ..utils.errors import one_line
 from ..utils.file_boundary import json_or_none
-from .format import CLAIM_DIR
+from .storage import CLAIM_DIR, CLAIM_SUFFIX, DatasetStore, Seen, claim_key, open_store
 
 HOST = socket.gethostname()
 
@@ -59,85 +61,109 @@ class Owner:
 
 
 class Claims:
-    """Claim files `DST/claims/NAME.claim`: published exclusively and whole, refreshed by a heartbeat
-    (their mtime), taken over by a rename once stale: no heartbeat for `timeout` s, or a dead owner on this host."""
+    """Claim records `claims/NAME.claim` of a dataset's store: published exclusively and whole, refreshed by a
+    heartbeat, taken over (compare-and-swap) once stale: no heartbeat for `timeout` s, or a dead owner on this host."""
 
-    def __init__(self, out: Path, owner: Owner, timeout: float) -> None:
-        self.folder, self.owner, self.timeout = out / CLAIM_DIR, owner, values.timeout(timeout)
+    def __init__(self, out: str | os.PathLike | DatasetStore, owner: Owner, timeout: float) -> None:
+        self.store, self.owner, self.timeout = open_store(out), owner, values.timeout(timeout)
 
-    def path(self, name: str) -> Path:
-        return self.folder / f"{name}.claim"
+    def _content(self) -> bytes:
+        # The time makes every write's bytes differ: an object store's heartbeat then changes the ETag, and a
+        # conditional write retried after a lost answer can tell its own bytes from another writer's.
+        return json.dumps({**asdict(self.owner), "claimed_at": time.time()}).encode()
 
     def try_claim(self, name: str) -> bool:
-        path = self.path(name)
-        # Published whole (written aside, then hard-linked): a process killed while claiming leaves no empty
-        # claim, which no owner could be read from and which would block every rerun for the whole timeout.
-        content = json.dumps({**asdict(self.owner), "claimed_at": time.time()})
-        for attempt in range(2):
-            if publish_exclusive(path, content):
-                return True
-            if attempt or not self._take_over_if_stale(path):
-                return False
-        return False
+        key = claim_key(name)
+        # Published whole (exclusive create of the complete record): a process killed while claiming leaves no
+        # empty claim, which no owner could be read from and which would block every rerun for the whole timeout.
+        content = self._content()
+        if self.store.publish(key, content):
+            return True
+        stale, seen = self._staleness(key)
+        if stale is None:  # released meanwhile: try once more
+            return self.store.publish(key, content)
+        return bool(stale) and self.store.take_over(key, seen, content)
+
+    def handle(self, name: str) -> ClaimBeat:
+        """What the heartbeat refreshes for shard `name` (the claim this process has just made)."""
+        return ClaimBeat(self, name, self.store.seen(claim_key(name)))
 
     def held(self, name: str) -> bool:
         """Whether a live process holds shard `name` (a claim that is not stale)."""
-        return self._staleness(self.path(name))[0] is False
+        return self._staleness(claim_key(name))[0] is False
 
-    def _staleness(self, path: Path) -> tuple[bool | None, bytes]:
-        """(None: no claim | False: live | True: stale, the claim's content)."""
+    def _staleness(self, key: str) -> tuple[bool | None, Seen | None]:
+        """(None: no claim | False: live | True: stale, the claim as seen)."""
+        seen = self.store.seen(key)
+        if seen is None:
+            return None, None
         try:
-            content, modified = path.read_bytes(), path.stat().st_mtime
-        except FileNotFoundError:
-            return None, b""
-        try:
-            holder = Owner(**{k: v for k, v in json_or_none(content).items() if k in Owner.__dataclass_fields__})
+            holder = Owner(**{k: v for k, v in json_or_none(seen.content).items() if k in Owner.__dataclass_fields__})
         except (TypeError, AttributeError):
-            return True, content  # claims are published whole: one that does not parse is debris
+            return True, seen  # claims are published whole: one that does not parse is debris
         # A run that ended inside this very process (after an error, in a notebook) holds nothing any more.
         ended_run_here = (holder.host, holder.pid) == (self.owner.host, self.owner.pid) \
             and holder.run_id != self.owner.run_id
-        stale = time.time() - modified > self.timeout or ended_run_here or not holder.alive()
-        return stale, content
-
-    def _take_over_if_stale(self, path: Path) -> bool:
-        stale, content = self._staleness(path)
-        if stale is None:
-            return True  # released meanwhile: try again
-        if not stale:
-            return False
-        aside = path.with_name(f".{path.name}.{self.owner.run_id}.stale")
-        try:
-            os.rename(path, aside)  # of several processes taking over, one moves it
-        except FileNotFoundError:
-            return True
-        if aside.read_bytes() != content:  # a fresh claim was created between our look and the rename: put it back
-            try:
-                os.link(aside, path)
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
-        return True
+        stale = time.time() - seen.modified > self.timeout or ended_run_here or not holder.alive()
+        return stale, seen
 
     def clear_stale(self) -> None:
         """Remove the stale claims of dead processes (one killed between its commit and its release), and the
         half-published claims of processes killed while claiming."""
-        for path in self.folder.glob("*.claim"):
-            self._take_over_if_stale(path)
-        for path in self.folder.glob(".*.tmp"):
-            if left_by_dead_process(path):
-                path.unlink(missing_ok=True)
+        for name in self.store.list(CLAIM_DIR, CLAIM_SUFFIX):
+            key = f"{CLAIM_DIR}/{name}"
+            stale, seen = self._staleness(key)
+            if stale:
+                self.store.remove_if_unchanged(key, seen)
+        for key in self.store.dead_leftovers(CLAIM_DIR):
+            self.store.remove(key)
+
+    def ours(self, seen: Seen | None) -> bool:
+        """Whether a claim as seen is held by this run (by this process or by one of its DataLoader workers)."""
+        record = json_or_none(seen.content) if seen is not None else None
+        return isinstance(record, dict) and record.get("run_id") == self.owner.run_id
 
     def release(self, name: str) -> None:
         """Remove our claim (not one that another process has taken over meanwhile)."""
-        path = self.path(name)
-        try:
-            if (json_or_none(path.read_bytes()) or {}).get("run_id") == self.owner.run_id:
-                path.unlink()
-        except (FileNotFoundError, AttributeError):
-            pass
+        key = claim_key(name)
+        seen = self.store.seen(key)
+        if self.ours(seen):
+            self.store.remove_if_unchanged(key, seen)
+
+
+class ClaimBeat:
+    """One claim that the heartbeat keeps fresh; it stops beating once another process has taken it over."""
+
+    def __init__(self, claims: Claims, name: str, seen: Seen | None) -> None:
+        self.claims, self.key, self.seen = claims, claim_key(name), seen
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClaimBeat) and other.key == self.key and other.claims is self.claims
+
+    def beat(self) -> bool:
+        """Refresh the claim; False once it is gone or taken over (the exclusive commit still decides who writes)."""
+        if self.seen is None:
+            return False
+        fresh = self.claims.store.refresh(self.key, self.seen, self.claims._content())
+        if fresh is None:  # changed since we saw it: by this run's other beater (a worker), or taken over
+            current = self.claims.store.seen(self.key)
+            fresh = current if self.claims.ours(current) else None
+        self.seen = fresh
+        return fresh is not None
+
+
+def _beat(target: ClaimBeat | os.PathLike) -> bool:
+    """Refresh one claim: a ClaimBeat, or a local claim file given by its path (its mtime is the heartbeat)."""
+    if isinstance(target, ClaimBeat):
+        return target.beat()
+    try:
+        os.utime(target)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class HeartbeatStopped(RuntimeError):
@@ -145,7 +171,7 @@ class HeartbeatStopped(RuntimeError):
 
 
 class Heartbeat:
-    """A daemon thread that touches the claim files of the shards this process is working on. It cannot die
+    """A daemon thread that refreshes the claims of the shards this process is working on. It cannot die
     silently: an error that stops it is printed and kept, and `check` (called before every claim) raises
     HeartbeatStopped from then on, so the process stops claiming shards that nothing would keep claimed."""
 
@@ -173,11 +199,11 @@ class Heartbeat:
             beat = cls._per_process[os.getpid()] = cls(interval)
         return beat
 
-    def add(self, path: Path) -> None:
+    def add(self, path: ClaimBeat | Path) -> None:
         with self._lock:
             self.paths.add(path)
 
-    def discard(self, path: Path) -> None:
+    def discard(self, path: ClaimBeat | Path) -> None:
         with self._lock:
             self.paths.discard(path)
 
@@ -187,11 +213,9 @@ class Heartbeat:
                 time.sleep(self.interval)
                 with self._lock:
                     paths = list(self.paths)
-                for path in paths:
-                    try:
-                        os.utime(path)
-                    except FileNotFoundError:
-                        pass  # taken over: the exclusive commit still decides who writes the shard
+                for target in paths:
+                    if not _beat(target):
+                        self.discard(target)  # gone or taken over: the exclusive commit decides who writes
         except BaseException as error:  # noqa: BLE001 -- kept for check(), and said at once
             self.error = error
             print(f"latent-vae: the claim heartbeat of process {os.getpid()} stopped "

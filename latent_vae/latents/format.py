@@ -1,15 +1,18 @@
-"""Latent datasets on disk: the format `latent_vae.latents.precompute` writes, and `load_latents` / `verify_latents` read.
+"""Latent datasets: the format `latent_vae.latents.precompute` writes, and `load_latents` / `verify_latents` read.
 
-A latent dataset DST is parquet shards (🤗 datasets reads them as they are), one per input shard, plus JSON:
+A latent dataset DST (a folder, or a prefix of an object store: `latent_vae.latents.storage` owns the layout) is
+parquet shards (🤗 datasets reads them as they are), one per input shard, plus JSON:
 
     DST/latents.json                 how it was made: model fingerprint, normalisation, resolution, options,
                                      and the names of the input shards
     DST/data/NAME.parquet            the rows of input shard NAME (a tar file's stem, a parquet file's stem,
-                                     `part-00000` for the virtual shards of a folder or Dataset)
+                                     `part-00000` for the virtual shards of a folder or Dataset); on an object
+                                     store NAME.ATTEMPT.parquet, the attempt that committed it
     DST/manifests/NAME.json          written when shard NAME is complete: input shard, rows, failures,
-                                     sha256 of the data file; a shard without one is not done
+                                     its data file and that file's sha256; a shard without one is not done
     DST/claims/NAME.claim            held while a process works on NAME (owner and heartbeat)
-    DST/staging/                     shards being written (renamed into data/ once their manifest is in place)
+    DST/staging/                     a local folder's shards being written (renamed into data/ once their
+                                     manifest is in place)
     DST/failures.jsonl, summary.json  all failures and the last run's counts (written when a run completes)
 
 One row per input image:
@@ -26,9 +29,9 @@ One row per input image:
     target_size           [H, W] of the crop that was encoded
     ...                   the source's other columns, unchanged (captions, labels)
 
-Exactly once: a shard's manifest is published by an exclusive hard link, so of two processes that ever
-finish the same shard (a second job started by mistake, a claim taken over from a process that was only
-slow) one commits and the other drops its copy; the data file is renamed into place after that.
+Exactly once: a shard's manifest is published by the store's exclusive create (a hard link; an object store's
+`If-None-Match: *`), so of two processes that ever finish the same shard (a second job started by mistake, a
+claim taken over from a process that was only slow) one commits and the other drops its copy.
 """
 
 
@@ -37,24 +40,30 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models.normalization import LatentNormalization
-from ..utils.atomic import publish_exclusive
 from ..utils.dtypes import resolve_dtype
 from ..utils.errors import short_repr
-from ..utils.file_boundary import read_json
+from ..utils.file_boundary import bad_file, json_record
+from .storage import (  # noqa: F401 -- the layout's names, read from here too
+    CLAIM_DIR,
+    DATA_DIR,
+    FAILURES_FILE,
+    INFO_FILE,
+    LAYOUT,
+    MANIFEST_DIR,
+    STAGING_DIR,
+    SUMMARY_FILE,
+    DatasetStore,
+    manifest_key,
+    open_store,
+)
 
 FORMAT_NAME = "latent-vae/latents"
 FORMAT_VERSION = 2  # 2: one output shard per input shard, manifests, claims
-INFO_FILE = "latents.json"
-SUMMARY_FILE = "summary.json"
-FAILURES_FILE = "failures.jsonl"
-DATA_DIR, MANIFEST_DIR, CLAIM_DIR, STAGING_DIR = "data", "manifests", "claims", "staging"
-LAYOUT = (INFO_FILE, SUMMARY_FILE, FAILURES_FILE, DATA_DIR, MANIFEST_DIR, CLAIM_DIR, STAGING_DIR)
 
 # Columns the precompute writes; a source column with one of these names would be overwritten, so it is refused.
 KEY, MEAN, STD, FLIP_MEAN, FLIP_STD = "key", "mean", "std", "flip_mean", "flip_std"
@@ -143,35 +152,46 @@ class LatentInfo:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> LatentInfo:
-        folder = Path(path)
-        file = folder / INFO_FILE
-        if not file.is_file():
-            raise ValueError(f"{folder}: not a latent dataset (no {INFO_FILE}); make one with `latent-vae precompute`")
-        data = read_json(file, what="latent dataset record")
+    def read(cls, path: str | os.PathLike | DatasetStore) -> LatentInfo:
+        store = open_store(path)
+        try:
+            data = read_record(store, INFO_FILE, "latent dataset record")
+        except FileNotFoundError:
+            raise ValueError(f"{store.where()}: not a latent dataset (no {INFO_FILE}); make one with "
+                             "`latent-vae precompute`") from None
+        file = store.where(INFO_FILE)
         if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
             raise ValueError(f"{file}: format {short_repr(data.get('format'))} version {short_repr(data.get('version'))}, "
                              f"this package reads {FORMAT_NAME!r} version {FORMAT_VERSION}")
         return _record(cls, data, file)
 
 
-def create_or_check(out: Path, info: LatentInfo) -> None:
+def read_record(store: DatasetStore, key: str, what: str) -> dict:
+    """One of the dataset's JSON records; FileNotFoundError when there is none, ValueError naming a bad one."""
+    try:
+        data = store.read_bytes(key)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise bad_file(store.where(key), what, error) from None
+    return json_record(data, store.where(key), what=what)
+
+
+def create_or_check(store: DatasetStore, info: LatentInfo) -> None:
     """The first run records how the dataset is made; a later or concurrent run must make it the same way."""
-    file = out / INFO_FILE
-    if not file.is_file():
+    if not store.exists(INFO_FILE):
         # Ignoring our own folders: a concurrent run (another rank) may have created them a moment ago.
-        if out.exists() and any(not p.name.startswith(".") and p.name not in LAYOUT for p in out.iterdir()):
-            raise ValueError(f"{out} exists and is not a latent dataset: choose an empty or new folder")
-        out.mkdir(parents=True, exist_ok=True)
-        publish_exclusive(file, info.to_json())  # two runs starting together: the first one's record stands
-    old, new = LatentInfo.read(out).settings(), info.settings()
+        if store.foreign_entries():
+            raise ValueError(f"{store.where()} exists and is not a latent dataset: choose an empty or new folder")
+        store.make_folders()
+        store.publish(INFO_FILE, info.to_json().encode())  # two runs starting together: the first one's record stands
+    old, new = LatentInfo.read(store).settings(), info.settings()
     changed = [k for k in new if old.get(k) != new[k]]
     if changed:
         details = "; ".join(f"{k}: {short_repr(old.get(k))} -> {short_repr(new[k])}" for k in changed[:3])
-        raise ValueError(f"{out} holds latents made differently ({details}); "
+        raise ValueError(f"{store.where()} holds latents made differently ({details}); "
                          "rerun with the original settings and data to continue it, or choose another --out")
-    for folder in (DATA_DIR, MANIFEST_DIR, CLAIM_DIR, STAGING_DIR):
-        (out / folder).mkdir(exist_ok=True)
+    store.make_folders()
 
 
 @dataclass
@@ -182,23 +202,25 @@ class Manifest:
     source: str  # where the input shard is (a path, or a description)
     rows: int
     failures: list[dict]  # {"key", "source", "reason", "message"} per input that could not be used
-    sha256: str  # of data/NAME.parquet
-    staged_file: str  # its name in staging/ before the rename (to finish a commit cut short by a kill)
+    sha256: str  # of its data file
+    staged_file: str  # the data file's name in staging/ before the rename (to finish a commit cut short by a kill)
     host: str = ""
     pid: int = 0
     run_id: str = ""
     written_at: float = 0.0
+    data_file: str = ""  # its name in data/: NAME.parquet, or NAME.ATTEMPT.parquet on an object store
 
-    @property
-    def data_file(self) -> str:
-        return f"{self.input_shard}.parquet"
+    def __post_init__(self) -> None:
+        self.data_file = self.data_file or f"{self.input_shard}.parquet"
 
     @classmethod
-    def read(cls, file: Path) -> Manifest:
-        return _record(cls, read_json(file, what="shard manifest"), file)
+    def read(cls, store: DatasetStore, name: str) -> Manifest:
+        """Shard `name`'s manifest; FileNotFoundError when the shard is not done."""
+        key = manifest_key(name)
+        return _record(cls, read_record(store, key, "shard manifest"), store.where(key))
 
 
-def _record(cls, data: dict, file: Path):
+def _record(cls, data: dict, file: str):
     """A record dataclass from a JSON object; a missing field, or one of the wrong type, is a ValueError naming the
     file and the field (a damaged or hand-edited record must not pass as a sound one)."""
     import types
@@ -219,21 +241,29 @@ def _record(cls, data: dict, file: Path):
         raise ValueError(f"{file}: not a complete record ({error})") from None
 
 
-def read_manifests(out: str | os.PathLike, names: list[str] | None = None) -> dict[str, Manifest]:
-    """Manifests of the given shards (default: every one on disk), by shard name; shards not done are absent."""
-    folder = Path(out) / MANIFEST_DIR
-    files = [folder / f"{n}.json" for n in names] if names is not None else sorted(folder.glob("*.json"))
-    return {f.stem: Manifest.read(f) for f in files if f.is_file()}
+def read_manifests(out: str | os.PathLike | DatasetStore, names: list[str] | None = None) -> dict[str, Manifest]:
+    """Manifests of the given shards (default: every one in the store), by shard name; shards not done are absent."""
+    store = open_store(out)
+    if names is None:
+        names = [file.removesuffix(".json") for file in store.list(MANIFEST_DIR, ".json")]
+    manifests = {}
+    for name in names:
+        try:
+            manifests[name] = Manifest.read(store, name)
+        except FileNotFoundError:
+            pass
+    return manifests
 
 
-def read_failures(path: str | os.PathLike) -> list[dict]:
+def read_failures(path: str | os.PathLike | DatasetStore) -> list[dict]:
     """Every failure recorded in a latent dataset: dicts with key, source, reason and message."""
     return [f for m in read_manifests(path).values() for f in m.failures]
 
 
-def read_summary(path: str | os.PathLike) -> dict | None:
+def read_summary(path: str | os.PathLike | DatasetStore) -> dict | None:
     """The last completed run's counts, or None before a run has completed."""
-    file = Path(path) / SUMMARY_FILE
-    return read_json(file, what="run summary") if file.is_file() else None
-
-
+    store = open_store(path)
+    try:
+        return read_record(store, SUMMARY_FILE, "run summary")
+    except FileNotFoundError:
+        return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tarfile
 import time
 import zlib
@@ -34,12 +35,11 @@ import pyarrow as pa
 import torch
 
 from ..images.reading import load_image
-from ..utils.atomic import atomic_write_text
 from ..utils.dtypes import dtype_name
-from ..utils.errors import ImageError
+from ..utils.errors import ImageError, printable
 from ..utils.option_values import resolve_device
 from . import format as fmt
-from .claims import HOST, Claims, Heartbeat, Owner
+from .claims import HOST, ClaimBeat, Claims, Heartbeat, Owner
 from .encoding import (
     PreparedImage,
     SkipImage,
@@ -52,8 +52,9 @@ from .encoding import (
 from .metadata import BAD_METADATA, MetadataError, MetadataFitter
 from .options import PrecomputeOptions
 from .sources import Sample, Source, open_source
+from .storage import DatasetStore, manifest_key, open_store
 from .verify import count_dataset, verify_latents
-from .writer import ShardWriter, clean_staging, commit_shard, output_features, shard_state
+from .writer import ShardWriter, clean_staging, commit_shard, output_features, remove_orphans, shard_state
 
 # Batches the writer thread may lag behind the encoder (each holds a batch of latents in host memory).
 WRITES_AHEAD = 4
@@ -70,9 +71,9 @@ class ShardReader(torch.utils.data.IterableDataset):
     the process boundary: 4x less than float.
     """
 
-    def __init__(self, source: Source, order: list[int], out: Path, owner: Owner, options: PrecomputeOptions,
-                 buckets: list[tuple[int, int]] | None, decode_threads: int = 1) -> None:
-        self.source, self.order, self.out, self.owner = source, order, out, owner
+    def __init__(self, source: Source, order: list[int], out: str | Path | DatasetStore, owner: Owner,
+                 options: PrecomputeOptions, buckets: list[tuple[int, int]] | None, decode_threads: int = 1) -> None:
+        self.source, self.order, self.out, self.owner = source, order, open_store(out), owner
         self.options, self.buckets, self.decode_threads = options, buckets, decode_threads
         self.fit_metadata = MetadataFitter(source.passthrough)
 
@@ -92,8 +93,9 @@ class ShardReader(torch.utils.data.IterableDataset):
                 claims.release(shard.name)
                 continue
             if state == "broken":  # a manifest whose data was lost: redo the shard
-                (self.out / fmt.MANIFEST_DIR / f"{shard.name}.json").unlink(missing_ok=True)
-            heartbeat.add(claims.path(shard.name))
+                self.out.remove(manifest_key(shard.name))
+            beat = claims.handle(shard.name)
+            heartbeat.add(beat)
             # Items travel in lists of about a batch: one message per batch, not per image (small images are
             # otherwise bound by the DataLoader's per-message cost).
             chunk = [{"kind": "start", "shard": shard.name, "source": getattr(shard, "path", shard.name)}]
@@ -109,7 +111,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                               "source": shard.name, "reason": "unreadable_shard",
                               "message": f"{getattr(shard, 'path', shard.name)}: could not be read to the end "
                               f"({type(error).__name__}: {error})"})
-            heartbeat.discard(claims.path(shard.name))
+            heartbeat.discard(beat)
             yield [*chunk, {"kind": "end", "shard": shard.name}]
 
     def _items(self, shard):
@@ -117,13 +119,13 @@ class ShardReader(torch.utils.data.IterableDataset):
         samples are read in this thread and decoded in a pool: a shard is not bound to one core (a small folder
         is one virtual shard: one core decoded it all while the GPU waited)."""
         if self.decode_threads <= 1:
-            for sample in unique_keys(shard.samples()):
+            for sample in unique_keys(shard.samples(), shard.name):
                 yield self._item(shard.name, sample)
             return
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
             pending, cut = deque(), None
             try:
-                for sample in unique_keys(shard.samples()):
+                for sample in unique_keys(shard.samples(), shard.name):
                     pending.append(pool.submit(self._item, shard.name, sample))
                     if len(pending) >= 2 * self.decode_threads:  # bounded read-ahead: a few images a thread
                         yield pending.popleft().result()
@@ -156,19 +158,26 @@ class ShardReader(torch.utils.data.IterableDataset):
                 "metadata": {fmt.KEY: sample.key, **passthrough}}
 
 
-def unique_keys(samples):
+def unique_keys(samples, shard: str = ""):
     """An input shard's samples with unique keys, by the documented rule: a key seen before in the shard is
-    stored as KEY#2, KEY#3, ... (the first sample keeps KEY). Repeats across shards are found by the
-    verification that ends every run."""
+    stored as KEY#2, KEY#3, ... (the first sample keeps KEY), and the shard's renamed keys are named in one line
+    on stderr when it has been read. Repeats across shards are found by the verification that ends every run."""
     seen: set[str] = set()
     repeats: dict[str, int] = {}
+    renamed: list[str] = []
     for sample in samples:
         key = sample.key
         while key in seen:
             repeats[sample.key] = repeats.get(sample.key, 1) + 1
             key = f"{sample.key}#{repeats[sample.key]}"
         seen.add(key)
+        if key != sample.key:
+            renamed.append(key)
         yield sample if key == sample.key else Sample(key, sample.image, sample.name, sample.passthrough)
+    if renamed:
+        shown = ", ".join(printable(k) for k in renamed[:5]) + (f" and {len(renamed) - 5} more" if len(renamed) > 5 else "")
+        print(f"latent-vae: {printable(shard)}: {len(renamed)} repeated key(s) in the shard, stored as KEY#n: {shown}",
+              file=sys.stderr)
 
 
 def _passthrough_collate(item: dict) -> dict:
@@ -257,13 +266,14 @@ def _options(options: PrecomputeOptions | None, overrides: dict) -> PrecomputeOp
 class _OpenShard:
     writer: ShardWriter
     source: str
+    beat: ClaimBeat
     failures: list[dict] = field(default_factory=list)
 
 
 class _Run:
     """One process's part of a precompute: passes over the shards until every one is complete."""
 
-    def __init__(self, codec, source: Source, out: Path, options: PrecomputeOptions, buckets, order: list[int],
+    def __init__(self, codec, source: Source, out: DatasetStore, options: PrecomputeOptions, buckets, order: list[int],
                  features, progress) -> None:
         self.codec, self.source, self.out, self.options, self.buckets = codec, source, out, options, buckets
         self.order, self.features, self.progress = order, features, progress
@@ -332,8 +342,10 @@ class _Run:
         kind, name = item["kind"], item["shard"]
         if kind == "start":
             self.heartbeat.check()
-            self.open[name] = _OpenShard(ShardWriter(self.out, name, self.features), item["source"])
-            self.heartbeat.add(self.claims.path(name))
+            beat = self.claims.handle(name)
+            self.open[name] = _OpenShard(ShardWriter(self.out, name, self.features, self.owner.run_id[:12]),
+                                         item["source"], beat)
+            self.heartbeat.add(beat)
         elif kind == "failure":
             self.open[name].failures.append({k: item[k] for k in ("key", "source", "reason", "message")})
             self.failed += 1
@@ -367,16 +379,18 @@ class _Run:
     def _commit(self, name: str) -> None:
         shard = self.open[name]
         staged, checksum = shard.writer.finish()
-        manifest = fmt.Manifest(name, str(shard.source), shard.writer.rows, shard.failures, checksum, staged.name,
-                                HOST, os.getpid(), self.owner.run_id, time.time())
+        manifest = fmt.Manifest(name, str(shard.source), shard.writer.rows, shard.failures, checksum,
+                                staged.key.rsplit("/", 1)[-1] if staged.key != staged.final else "", HOST, os.getpid(),
+                                self.owner.run_id, time.time(), staged.file)
         if commit_shard(self.out, manifest, staged):
             self.committed += 1
         del self.open[name]
-        self.heartbeat.discard(self.claims.path(name))
+        self.heartbeat.discard(shard.beat)
         self.claims.release(name)
 
 
-def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: PrecomputeOptions | None = None,
+def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: PrecomputeOptions | None = None, *,
+                       storage_options: dict | None = None, single_writer: bool = False,
                        **overrides: Any) -> PrecomputeSummary:
     """Encode every image of `data` once into a latent dataset at `out` (read it with `load_latents`).
 
@@ -384,10 +398,14 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         model: a preset name, model folder or .safetensors file, an AutoencoderKL, or a LatentCodec (used as is).
         data: WebDataset tar shards or parquet files (a path, glob, list or folder of them), an image folder
             (recursive; captions from metadata.jsonl or .txt beside images), a save_to_disk folder, arrow files,
-            or a datasets.Dataset / IterableDataset.
-        out: the output folder; running the same call again continues an interrupted run, and concurrent runs
-            (or ranks, or nodes) into the same folder share the work.
+            or a datasets.Dataset / IterableDataset; paths may be URLs (s3://BUCKET/shards/*.tar, gs://...).
+        out: the output folder or URL (s3://BUCKET/PREFIX); running the same call again continues an interrupted
+            run, and concurrent runs (or ranks, or nodes) into the same folder share the work.
         options, **overrides: see `PrecomputeOptions` (keywords override fields of `options`).
+        storage_options: for URLs, the fsspec file system's options (credentials, `endpoint_url`...); by default
+            the standard places (AWS_* variables, AWS_ENDPOINT_URL, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS).
+        single_writer: allow an `out` store without atomic conditional writes, promising that no other run
+            writes into it at the same time.
 
     Under `torchrun` / `accelerate launch` every process, on every node, takes its share of the shards.
     Returns when every shard of the dataset is complete (waiting for shards other live processes hold).
@@ -396,7 +414,8 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     from tqdm.auto import tqdm
 
     opts = _options(options, overrides)
-    out = Path(out)
+    out = open_store(out, storage_options, single_writer=single_writer)
+    out.check(write=True)  # a missing bucket, credentials or permission: one line before any work
     wanted = resolve_device(opts.device) if opts.device not in (None, "auto") else None
     state = PartialState(cpu=wanted is not None and wanted.type == "cpu")
     device = wanted or state.device
@@ -405,7 +424,7 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
 
     source = open_source(data, image_column=opts.image_column, key_column=opts.key_column,
                          caption_column=opts.caption_column, split=opts.split, shard_size=opts.shard_size,
-                         reserved=fmt.RESERVED_COLUMNS)
+                         reserved=fmt.RESERVED_COLUMNS, storage_options=storage_options)
     codec, model_source = _make_codec(model, opts, device)
     factor = codec.downsampling_factor
     step = opts.bucket_step or factor
@@ -449,6 +468,8 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         per_rank = gather_object([mine])
     else:
         per_rank = [mine]
+    if state.is_main_process:  # what attempts that lost a commit (or were killed) left beside the winners' data
+        remove_orphans(out, {n: m.data_file for n, m in fmt.read_manifests(out, names).items()})
     counts = count_dataset(out)
     # Every run ends by verifying what the dataset holds (manifests, row counts, every key once; `--verify` also
     # checks every file's sha256), so that it never calls complete a dataset that `--verify` rejects.
@@ -456,14 +477,14 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     wall = max(r[3] for r in per_rank)
     encoded = sum(r[0] for r in per_rank)
     summary = PrecomputeSummary(
-        out=str(out), shards=counts.shards, shards_done_before=done_before, rows=counts.rows,
+        out=out.where(), shards=counts.shards, shards_done_before=done_before, rows=counts.rows,
         failures=counts.failures, failure_reasons=counts.failure_reasons, encoded_this_run=encoded,
         failed_this_run=sum(r[1] for r in per_rank), shards_this_run=sum(r[2] for r in per_rank), seconds=wall,
         images_per_second=encoded / wall if wall > 0 else 0.0, world_size=state.num_processes,
         complete=counts.complete and not problems, problems=problems)
     if state.is_main_process:
         failures = fmt.read_failures(out)
-        atomic_write_text(out / fmt.FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures))
-        atomic_write_text(out / fmt.SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
+        out.write(fmt.FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures).encode())
+        out.write(fmt.SUMMARY_FILE, json.dumps(asdict(summary), indent=2).encode())
     return summary
 

@@ -8,13 +8,11 @@ import math
 import os
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .format import (
-    DATA_DIR,
     FAILURES_FILE,
     FLIPPED,
     KEY,
@@ -28,6 +26,7 @@ from .format import (
     unpack,
 )
 from .provenance import check_made_by
+from .storage import DatasetStore, data_key, open_store
 from .writer import shard_state
 
 
@@ -68,17 +67,18 @@ class LatentTransform:
 
 
 class _RowGroups:
-    """The row groups of a list of parquet files, read in place (one group cached per process)."""
+    """The row groups of a dataset's data files, read in place (one group cached per process): on an object store
+    by range reads of the footer and of the group's column chunks, never the whole file."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, store: DatasetStore, files: list[str]) -> None:
         import pyarrow.parquet as pq
 
-        self.files = [str(f) for f in files]
+        self.store, self.files = store, files
         self.groups: list[tuple[int, int]] = []  # (file, row group)
         self.starts: list[int] = []  # first global row of each group
         total = 0
         for number, file in enumerate(self.files):
-            metadata = pq.read_metadata(file)
+            metadata = pq.ParquetFile(store.open_input(file)).metadata
             for group in range(metadata.num_row_groups):
                 self.groups.append((number, group))
                 self.starts.append(total)
@@ -92,7 +92,8 @@ class _RowGroups:
         cached = self._cached
         if cached is None or cached[0] != os.getpid() or cached[1] != group:
             file, index = self.groups[group]
-            table = pq.ParquetFile(self.files[file], memory_map=True).read_row_group(index)
+            source = self.store.open_input(self.files[file])
+            table = pq.ParquetFile(source, memory_map=isinstance(source, str)).read_row_group(index)
             cached = self._cached = (os.getpid(), group, table.to_pydict())
         return cached[2]
 
@@ -105,8 +106,8 @@ class LatentDataset(torch.utils.data.Dataset):
     """Random access to a latent dataset's rows, read in place from its parquet shards (no copy, no cache):
     item i reads its row group (about ROW_GROUP_BYTES), which stays cached for the next items."""
 
-    def __init__(self, files: list[Path], transform: LatentTransform) -> None:
-        self.parts, self.transform, self.files = _RowGroups(files), transform, files
+    def __init__(self, store: DatasetStore, files: list[str], transform: LatentTransform) -> None:
+        self.parts, self.transform, self.store, self.files = _RowGroups(store, files), transform, store, files
 
     def __len__(self) -> int:
         return self.parts.rows
@@ -122,14 +123,15 @@ class LatentDataset(torch.utils.data.Dataset):
         """One stored column for every row, in order (read alone: no latents are decoded)."""
         import pyarrow.parquet as pq
 
-        return [v for f in self.files for v in pq.read_table(f, columns=[name]).column(name).to_pylist()]
+        return [v for f in self.files
+                for v in pq.read_table(self.store.open_input(f), columns=[name]).column(name).to_pylist()]
 
     @property
     def features(self):
         import datasets
         import pyarrow.parquet as pq
 
-        return datasets.Features.from_arrow_schema(pq.read_schema(self.files[0]))
+        return datasets.Features.from_arrow_schema(pq.ParquetFile(self.store.open_input(self.files[0])).schema_arrow)
 
 
 class StreamingLatents(torch.utils.data.IterableDataset):
@@ -137,11 +139,11 @@ class StreamingLatents(torch.utils.data.IterableDataset):
     round-robin to the `world_size x num_workers` readers, so every row is read exactly once per epoch.
     `shuffle` shuffles the order of row groups (the same way on every rank) and the rows within each."""
 
-    def __init__(self, files: list[Path], transform: LatentTransform, *, rank: int, world_size: int,
-                 shuffle: bool, seed: int) -> None:
+    def __init__(self, store: DatasetStore, files: list[str], transform: LatentTransform, *, rank: int,
+                 world_size: int, shuffle: bool, seed: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.parts, self.transform = _RowGroups(files), transform
+        self.parts, self.transform = _RowGroups(store, files), transform
         self.rank, self.world_size, self.shuffle, self.seed, self.epoch = rank, world_size, shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -186,12 +188,13 @@ def load_latents(
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    storage_options: dict | None = None,
 ):
     """A precomputed latent dataset, ready for training, read in place from its parquet shards. Items are
     {"latents": normalised float32 CxHxW tensor, "key", size conditioning, passthrough columns...}.
 
     Args:
-        path: the folder `precompute_latents` / `latent-vae precompute` wrote.
+        path: the folder or URL (s3://BUCKET/PREFIX, gs://...) `precompute_latents` / `latent-vae precompute` wrote.
         model: the model training will decode with (LatentCodec, AutoencoderKL, folder, .safetensors or a
             fingerprint); if given, latents made by another model are an error.
         resolution: if given, latents made at another resolution are an error.
@@ -203,14 +206,17 @@ def load_latents(
             its own share of the row groups, for datasets larger than a node. `rank`/`world_size` default to
             torch.distributed's, else the RANK/WORLD_SIZE variables; `shuffle`/`seed` order the stream
             (`set_epoch` for a new order).
+        storage_options: for a URL, the fsspec file system's options (default: credentials and endpoint from
+            the standard places: AWS_* variables, AWS_ENDPOINT_URL, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS).
 
     Map-style (default): a `LatentDataset`; batch it with `DataLoader(dataset, batch_size=..., shuffle=True,
     collate_fn=collate_latents)`; items of different latent shapes (--buckets) cannot share a batch: see
     `BucketBatchSampler`.
     """
-    info = LatentInfo.read(path)
+    out = open_store(path, storage_options)
+    out.check(write=False)
+    info = LatentInfo.read(out)
     check_compatible(info, path, model=model, resolution=resolution)
-    out = Path(path)
     manifests = read_manifests(out, info.input_shards)
     states = {name: shard_state(out, name) for name in manifests}
     done = [n for n in info.input_shards if states.get(n) == "complete"]
@@ -218,9 +224,9 @@ def load_latents(
         raise ValueError(f"{path}: {len(info.input_shards) - len(done)} of {len(info.input_shards)} shards are not done "
                          "(the precompute has not finished, or was killed); run the same command again to complete it, "
                          "or pass allow_incomplete=True")
-    files = [out / DATA_DIR / manifests[n].data_file for n in done if manifests[n].rows > 0]
+    files = [data_key(manifests[n].data_file) for n in done if manifests[n].rows > 0]
     if not files:
-        raise ValueError(f"{path}: no latents (every input failed? see {out / FAILURES_FILE})")
+        raise ValueError(f"{path}: no latents (every input failed? see {out.where(FAILURES_FILE)})")
     if flip_probability is None:
         flip_probability = 0.5 if info.flip else 0.0
     if not 0.0 <= flip_probability <= 1.0:
@@ -230,8 +236,8 @@ def load_latents(
     transform = LatentTransform(info, sample=sample, flip_probability=flip_probability)
     if streaming:
         rank, world_size = _distributed_position(rank, world_size)
-        return StreamingLatents(files, transform, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
-    return LatentDataset(files, transform)
+        return StreamingLatents(out, files, transform, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed)
+    return LatentDataset(out, files, transform)
 
 
 def collate_latents(items: list[dict]) -> dict:

@@ -24,14 +24,17 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..images.reading import IMAGE_SUFFIXES
 from ..utils.file_boundary import json_or_none, parse_json, reading
 from .metadata import uniform_columns
+from .storage import is_url
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
+# A shard read from an object store is fetched in blocks of this size as it is read: bounded memory, no local copy.
+STREAM_BLOCK = 8 << 20
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the top of their folder.
 SAVED_MARKERS = ("state.json", "dataset_dict.json")
@@ -86,14 +89,24 @@ def _shard_name(path: str | Path) -> str:
 _MEMBER = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # WebDataset's rule: key = up to the first dot of the basename
 
 
-class TarShard:
-    """A WebDataset tar file, read in one forward pass (works for .tar.gz and on any file system)."""
+def _open_input(path: str, fs) -> Any:
+    """A local path as it is (readers open it themselves); a file of an fsspec file system opened for streaming:
+    read in blocks of STREAM_BLOCK, so a shard never lands on the local disk."""
+    return path if fs is None else fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead")
 
-    def __init__(self, path: str | Path) -> None:
-        self.path, self.name = str(path), _shard_name(path)
+
+class TarShard:
+    """A WebDataset tar file, read in one forward pass (works for .tar.gz, on any file system and from an object
+    store: `fs`, an fsspec file system, streams it)."""
+
+    def __init__(self, path: str | Path, fs=None) -> None:
+        self.path, self.name, self.fs = str(path), _shard_name(path), fs
+        if fs is not None:
+            self.path = fs.unstrip_protocol(self.path)
 
     def samples(self) -> Iterator[Sample]:
-        with tarfile.open(self.path, "r|*") as tar:
+        source = _open_input(self.fs._strip_protocol(self.path), self.fs) if self.fs else None
+        with tarfile.open(self.path, "r|*") if source is None else tarfile.open(fileobj=source, mode="r|*") as tar:
             key, members = None, {}
             for member in tar:
                 match = _MEMBER.match(member.name) if member.isfile() else None
@@ -122,16 +135,20 @@ class TarShard:
 class ParquetShard:
     """One parquet file, read batch by batch with pyarrow (a shard of millions of rows never sits in memory)."""
 
-    def __init__(self, path: str | Path, image_column: str, key_column: str | None, columns: list[str]) -> None:
-        self.path, self.name = str(path), _shard_name(path)
+    def __init__(self, path: str | Path, image_column: str, key_column: str | None, columns: list[str],
+                 fs=None) -> None:
+        self.path, self.name, self.fs = str(path), _shard_name(path), fs
         self.image_column, self.key_column, self.columns = image_column, key_column, columns
+        if fs is not None:
+            self.path = fs.unstrip_protocol(self.path)
 
     def samples(self) -> Iterator[Sample]:
         import pyarrow.parquet as pq
 
         wanted = [self.image_column, *([self.key_column] if self.key_column else []), *self.columns]
         index = 0
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=64, columns=list(dict.fromkeys(wanted))):
+        source = _open_input(self.fs._strip_protocol(self.path), self.fs) if self.fs else self.path
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=64, columns=list(dict.fromkeys(wanted))):
             for row in batch.to_pylist():
                 key = str(row[self.key_column]) if self.key_column else f"{self.name}/{index}"
                 yield Sample(key, row[self.image_column], f"{self.path}[{index}]", {c: row[c] for c in self.columns})
@@ -139,12 +156,13 @@ class ParquetShard:
 
 
 class RowRangeShard:
-    """Rows [start, stop) of a datasets.Dataset (memory-mapped arrow): a virtual shard of an unsharded input."""
+    """Rows [start, stop) of a datasets.Dataset (memory-mapped arrow): a virtual shard of an unsharded input.
+    With `fs` (an image folder on an object store) the image column holds URLs, fetched as the rows are read."""
 
     def __init__(self, name: str, dataset, start: int, stop: int, image_column: str, keys: list[str] | None,
-                 columns: list[str], where: str) -> None:
+                 columns: list[str], where: str, fs=None) -> None:
         self.name, self.dataset, self.start, self.stop = name, dataset, start, stop
-        self.image_column, self.keys, self.columns, self.where = image_column, keys, columns, where
+        self.image_column, self.keys, self.columns, self.where, self.fs = image_column, keys, columns, where, fs
 
     def samples(self) -> Iterator[Sample]:
         for begin in range(self.start, self.stop, 64):
@@ -152,6 +170,8 @@ class RowRangeShard:
             for offset, image in enumerate(chunk[self.image_column]):
                 index = begin + offset
                 path = image.get("path") if isinstance(image, dict) else None
+                if self.fs is not None and path:
+                    image = _fetch(self.fs, path)
                 yield Sample(self.keys[index] if self.keys else str(index), image, path or f"{self.where}[{index}]",
                              {c: chunk[c][offset] for c in self.columns})
 
@@ -170,16 +190,29 @@ class StreamShard:
             yield Sample(key, row[self.image_column], f"{self.name}[{number}]", {c: row[c] for c in self.columns})
 
 
+def _fetch(fs, url: str) -> dict | str:
+    """An image of an object store: its bytes (what `load_image` decodes), or, when it cannot be fetched, the URL,
+    which `load_image` then fails as one input naming it."""
+    try:
+        return {"bytes": fs.cat_file(fs._strip_protocol(url)), "path": url}
+    except OSError:
+        return url
+
+
 # -- opening a source ----------------------------------------------------------------------------------------------
 
 
 def open_source(data: Any, *, image_column: str | None = None, key_column: str | None = None,
                 caption_column: str = "text", split: str | None = None, shard_size: int = 512,
-                reserved: tuple[str, ...] = ()) -> Source:
+                reserved: tuple[str, ...] = (), storage_options: dict | None = None) -> Source:
     """SRC -> Source: tar shards, parquet/arrow files (a path, a glob, a list or a folder of them), a
-    save_to_disk folder, an image folder, or a datasets.Dataset / DatasetDict / IterableDataset.
+    save_to_disk folder, an image folder, or a datasets.Dataset / DatasetDict / IterableDataset; paths may be URLs
+    of an object store (s3://, gs://: tar and parquet shards, image folders; `storage_options` for fsspec).
     `reserved`: column names the output writes itself; a source column with one of them is refused."""
     import datasets
+
+    if is_url(data) or isinstance(data, (list, tuple)) and data and all(is_url(d) for d in data):
+        return _remote_source(data, image_column, key_column, caption_column, shard_size, reserved, storage_options)
 
     if isinstance(data, datasets.IterableDataset):
         return _stream_source(data, image_column, key_column, reserved)
@@ -218,12 +251,46 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _files_source(files: list[Path], image_column, key_column, shard_size, reserved, where: str) -> Source:
+def _remote_source(data, image_column, key_column, caption_column, shard_size, reserved,
+                   storage_options: dict | None) -> Source:
+    """Tar or parquet shards (a URL, a glob or a list of them, or a prefix holding them) or an image folder on an
+    object store. Nothing is downloaded here: files are listed, and shards are streamed when they are read."""
+    from .object_store import file_system, storage_errors, store_options
+
+    urls = list(data) if isinstance(data, (list, tuple)) else [data]
+    where = urls[0] if len(urls) == 1 else f"{len(urls)} files"
+    fs = file_system(urls[0], store_options(urls[0], storage_options))[0]
+    with storage_errors(where):
+        files: list[str] = []
+        for url in urls:
+            path = fs._strip_protocol(url)
+            if any(c in url for c in "*?["):
+                matched = sorted(fs.glob(path))
+                if not matched:
+                    raise ValueError(f"{url}: matches no files")
+                files += matched
+            elif fs.isfile(path):
+                files.append(path)
+            elif fs.isdir(path):
+                entries = [p for p in sorted(fs.find(path)) if not _hidden(PurePosixPath(p), PurePosixPath(path))]
+                if not any(PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES for p in entries):
+                    files += [p for p in entries if p.endswith(TAR_SUFFIXES) or PurePosixPath(p).suffix in TABLE_SUFFIXES]
+                else:
+                    return _folder_source(PurePosixPath(path), caption_column, shard_size, reserved, fs, url)
+            else:
+                raise ValueError(f"{url}: no such file or folder")
+    return _files_source([PurePosixPath(f) for f in files], image_column, key_column, shard_size, reserved, where, fs)
+
+
+def _files_source(files: list[Path], image_column, key_column, shard_size, reserved, where: str, fs=None) -> Source:
     kinds = {"tar" if f.name.endswith(TAR_SUFFIXES) else f.suffix for f in files}
     if kinds == {"tar"}:
-        return _tar_source(files, reserved, where)
+        return _tar_source(files, reserved, where, fs)
     if kinds == {".parquet"}:
-        return _parquet_source(files, image_column, key_column, reserved, where)
+        return _parquet_source(files, image_column, key_column, reserved, where, fs)
+    if fs is not None:
+        raise ValueError(f"{where}: expected .tar or .parquet files (one kind), or an image folder, on an object store; "
+                         f"got {', '.join(sorted(kinds))}")
     if kinds == {".arrow"}:
         return _dataset_source(read_table_files(files, where), image_column, key_column, shard_size, reserved, where)
     raise ValueError(f"{where}: expected .tar, .parquet or .arrow files (one kind), or an image folder; "
@@ -240,16 +307,16 @@ def _unique_names(shards: list, where: str) -> list:
     return shards
 
 
-def _tar_source(files: list[Path], reserved, where: str) -> Source:
+def _tar_source(files: list[Path], reserved, where: str, fs=None) -> Source:
     import datasets
 
     features = datasets.Features({TAR_CAPTION: datasets.Value("string"), TAR_JSON: datasets.Value("string")})
     _check_clashes(list(features), reserved, where)
-    shards = _unique_names([TarShard(f) for f in files], where)
+    shards = _unique_names([TarShard(f, fs) for f in files], where)
     return Source(shards, "jpg/jpeg/png/webp member", "__key__", features, where, sharded=True)
 
 
-def _parquet_source(files: list[Path], image_column, key_column, reserved, where: str) -> Source:
+def _parquet_source(files: list[Path], image_column, key_column, reserved, where: str, fs=None) -> Source:
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -257,7 +324,7 @@ def _parquet_source(files: list[Path], image_column, key_column, reserved, where
     # The first file's schema stands for all of them: reading every footer up front would cost minutes on a
     # shared file system with 100k shards; a file that differs fails when its shard is read.
     with reading(files[0], "parquet file"):
-        schema = pq.read_schema(str(files[0]))
+        schema = pq.read_schema(_open_input(str(files[0]), fs))
     try:
         features = datasets.Features.from_arrow_schema(schema)
     except (TypeError, ValueError, pa.ArrowException) as error:
@@ -276,12 +343,12 @@ def _parquet_source(files: list[Path], image_column, key_column, reserved, where
     key_column = _key_column(key_column, schema.names, where)
     columns = [c for c in schema.names if c not in (image_column, KEY_COLUMN)]
     _check_clashes(columns, reserved, where)
-    shards = _unique_names([ParquetShard(f, image_column, key_column, columns) for f in files], where)
+    shards = _unique_names([ParquetShard(f, image_column, key_column, columns, fs) for f in files], where)
     return Source(shards, image_column, key_column, datasets.Features({c: features[c] for c in columns}), where,
                   sharded=True)
 
 
-def _dataset_source(dataset, image_column, key_column, shard_size: int, reserved, where: str) -> Source:
+def _dataset_source(dataset, image_column, key_column, shard_size: int, reserved, where: str, fs=None) -> Source:
     import datasets
 
     if image_column is None:
@@ -308,7 +375,7 @@ def _dataset_source(dataset, image_column, key_column, shard_size: int, reserved
         raise ValueError(f"{where}: no rows")
     digits = max(5, len(str((len(dataset) - 1) // shard_size)))
     shards = [RowRangeShard(f"part-{start // shard_size:0{digits}d}", dataset, start,
-                            min(start + shard_size, len(dataset)), image_column, keys, columns, where)
+                            min(start + shard_size, len(dataset)), image_column, keys, columns, where, fs)
               for start in range(0, len(dataset), shard_size)]
     digest = hashlib.sha256("\n".join(keys if keys else [str(len(dataset))]).encode()).hexdigest()
     return Source(shards, image_column, key_column, datasets.Features({c: dataset.features[c] for c in columns}),
@@ -334,45 +401,65 @@ def _stream_source(dataset, image_column, key_column, reserved) -> Source:
                   f"IterableDataset ({count} shards)", sharded=True)
 
 
-def _folder_source(folder: Path, caption_column: str, shard_size: int, reserved) -> Source:
+def _folder_source(folder: Path, caption_column: str, shard_size: int, reserved, fs=None, where: str = "") -> Source:
     import datasets
 
-    rows = _folder_rows(folder, caption_column)
+    rows = _folder_rows(folder, caption_column, fs)
+    where = where or str(folder)
     if not rows[FOLDER_IMAGE_COLUMN]:
-        raise ValueError(f"{folder}: an empty folder (no images, tar shards, parquet or arrow files)")
+        raise ValueError(f"{where}: an empty folder (no images, tar shards, parquet or arrow files)")
     dataset = datasets.Dataset.from_dict(rows).cast_column(FOLDER_IMAGE_COLUMN, datasets.Image(decode=False))
-    return _dataset_source(dataset, FOLDER_IMAGE_COLUMN, "file_name", shard_size, reserved, str(folder))
+    return _dataset_source(dataset, FOLDER_IMAGE_COLUMN, "file_name", shard_size, reserved, where, fs)
 
 
-def _folder_rows(folder: Path, caption_column: str) -> dict[str, list]:
+class _Listing:
+    """An image folder's files and their text, on the local disk or (`fs`) on an object store."""
+
+    def __init__(self, folder: Path, fs=None) -> None:
+        self.fs = fs
+        found = (PurePosixPath(p) for p in fs.find(str(folder))) if fs else (p for p in folder.rglob("*") if p.is_file())
+        self.files = sorted(p for p in found if not _hidden(p, folder))
+        self.present = set(self.files)
+
+    def text(self, path: Path) -> str:
+        return self.fs.cat_file(str(path)).decode("utf-8") if self.fs else path.read_text()
+
+    def identity(self, path: Path) -> Path:
+        return PurePosixPath(os.path.normpath(str(path))) if self.fs else path.resolve()
+
+    def url(self, path: Path) -> str:
+        return self.fs.unstrip_protocol(str(path)) if self.fs else str(path)
+
+
+def _folder_rows(folder: Path, caption_column: str, fs=None) -> dict[str, list]:
     """An image folder as columns: every file but captions, metadata and hidden files is an input (a file
     that turns out not to be an image is listed as a failure, not silently ignored)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, folder)
-                   and p.name != METADATA_FILE and p.suffix.lower() != CAPTION_SUFFIX)
+    listing = _Listing(folder, fs)
+    files = [p for p in listing.files if p.name != METADATA_FILE and p.suffix.lower() != CAPTION_SUFFIX]
     # metadata.jsonl anywhere, file_name relative to its own folder (🤗 imagefolder's convention).
     metadata: dict[Path, dict] = {}
-    for meta_file in sorted(folder.rglob(METADATA_FILE)):
-        for number, line in enumerate(meta_file.read_text().splitlines(), 1):
+    for meta_file in [p for p in listing.files if p.name == METADATA_FILE]:
+        for number, line in enumerate(listing.text(meta_file).splitlines(), 1):
             if not line.strip():
                 continue
             entry = parse_json(line, f"{meta_file}:{number}")
             if not isinstance(entry, dict) or "file_name" not in entry:
                 raise ValueError(f"{meta_file}:{number}: each line needs a \"file_name\"")
-            metadata[(meta_file.parent / entry.pop("file_name")).resolve()] = entry
+            metadata[listing.identity(meta_file.parent / entry.pop("file_name"))] = entry
     columns = ["file_name"] + sorted({k for entry in metadata.values() for k in entry} - {"file_name"})
-    has_captions = any(p.with_suffix(CAPTION_SUFFIX).is_file() for p in files)
+    has_captions = any(p.with_suffix(CAPTION_SUFFIX) in listing.present for p in files)
     if has_captions and caption_column not in columns:
         columns.append(caption_column)
     rows: dict[str, list] = {FOLDER_IMAGE_COLUMN: [], **{c: [] for c in columns}}
     for path in files:
-        entry = metadata.get(path.resolve(), {})
-        rows[FOLDER_IMAGE_COLUMN].append(str(path))
+        entry = metadata.get(listing.identity(path), {})
+        rows[FOLDER_IMAGE_COLUMN].append(listing.url(path))
         rows["file_name"].append(path.relative_to(folder).as_posix())
         for column in columns[1:]:
             rows[column].append(entry.get(column))
         caption_file = path.with_suffix(CAPTION_SUFFIX)
-        if has_captions and rows[caption_column][-1] is None and caption_file.is_file():
-            rows[caption_column][-1] = caption_file.read_text().strip()
+        if has_captions and rows[caption_column][-1] is None and caption_file in listing.present:
+            rows[caption_column][-1] = listing.text(caption_file).strip()
     return uniform_columns(rows)  # a column of mixed types (3 and "cat") becomes JSON text: data, never an error
 
 

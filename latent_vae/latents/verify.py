@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..utils.atomic import file_sha256
 from ..utils.errors import one_line
-from .format import DATA_DIR, KEY, LatentInfo, Manifest, read_manifests
+from .format import KEY, LatentInfo, Manifest, read_manifests
+from .storage import DATA_DIR, DATA_SUFFIX, DatasetStore, data_key, open_store
 from .writer import shard_state
 
 
@@ -30,11 +29,12 @@ class DatasetCounts:
         return self.shards_done == self.shards
 
 
-def count_dataset(path: str | os.PathLike) -> DatasetCounts:
-    info = LatentInfo.read(path)
-    manifests = read_manifests(path, info.input_shards)
+def count_dataset(path: str | os.PathLike | DatasetStore) -> DatasetCounts:
+    store = open_store(path)
+    info = LatentInfo.read(store)
+    manifests = read_manifests(store, info.input_shards)
     reasons = Counter(f["reason"] for m in manifests.values() for f in m.failures)
-    done = sum(shard_state(Path(path), n) == "complete" for n in manifests)
+    done = sum(shard_state(store, n) == "complete" for n in manifests)
     return DatasetCounts(len(info.input_shards), done, sum(m.rows for m in manifests.values()),
                          sum(reasons.values()), dict(reasons))
 
@@ -58,13 +58,15 @@ class VerifyReport:
                 f"{self.failures} failures" + (", every key once" if self.ok else ""))
 
 
-def verify_latents(path: str | os.PathLike, *, checksums: bool = True) -> VerifyReport:
+def verify_latents(path: str | os.PathLike | DatasetStore, *, checksums: bool = True,
+                   storage_options: dict | None = None) -> VerifyReport:
     """Check a latent dataset against its own records: every input shard has a manifest, every manifest's data
     file is there with its row count and sha256, no data file is unaccounted for, and every key (rows and
     failures together) occurs once. Problems are listed, one line each; ValueError if it is no latent dataset."""
     import pyarrow.parquet as pq
 
-    out = Path(path)
+    out = open_store(path, storage_options)
+    out.check(write=False)
     info = LatentInfo.read(out)
     problems: list[str] = []
     manifests, damaged = {}, set()
@@ -79,27 +81,27 @@ def verify_latents(path: str | os.PathLike, *, checksums: bool = True) -> Verify
         problems.append(f"{len(missing)} shard(s) not done: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     key_hashes, rows, failures = [], 0, 0
     for name, manifest in manifests.items():
-        data = out / DATA_DIR / manifest.data_file
+        data = data_key(manifest.data_file)
         failures += len(manifest.failures)
         key_hashes.append(_hash_keys([f["key"] for f in manifest.failures]))
         if shard_state(out, name) != "complete":
-            problems.append(f"{name}: manifest without its data file {data}")
+            problems.append(f"{name}: manifest without its data file {out.where(data)}")
             continue
-        stored = pq.ParquetFile(data).metadata.num_rows
+        stored = pq.ParquetFile(out.open_input(data)).metadata.num_rows
         rows += stored
         if stored != manifest.rows:
-            problems.append(f"{name}: {stored} rows in {data.name}, the manifest says {manifest.rows}")
-        if checksums and file_sha256(data) != manifest.sha256:
-            problems.append(f"{name}: {data.name} does not match the manifest's sha256 (changed or corrupt)")
-        key_hashes.append(_hash_keys(pq.read_table(data, columns=[KEY]).column(KEY).to_pylist()))
+            problems.append(f"{name}: {stored} rows in {manifest.data_file}, the manifest says {manifest.rows}")
+        if checksums and out.sha256(data) != manifest.sha256:
+            problems.append(f"{name}: {manifest.data_file} does not match the manifest's sha256 (changed or corrupt)")
+        key_hashes.append(_hash_keys(_keys(out, data)))
     named = {m.data_file for m in manifests.values()}
-    orphans = sorted(p.name for p in (out / DATA_DIR).glob("*.parquet") if p.name not in named)
-    if orphans:
+    orphans = [f for f in out.list(DATA_DIR, DATA_SUFFIX) if f not in named]
+    if orphans:  # on an object store: what attempts that lost (or were killed) wrote; a complete run removes them
         problems.append(f"{len(orphans)} data file(s) without a manifest: {', '.join(orphans[:5])}")
     duplicates = _duplicate_keys(out, manifests, np.concatenate(key_hashes) if key_hashes else np.zeros(0, np.uint64))
     if duplicates:
         problems.append(f"{len(duplicates)} key(s) occur more than once: {', '.join(map(str, duplicates[:5]))}")
-    return VerifyReport(str(out), len(info.input_shards), len(manifests), rows, failures, problems)
+    return VerifyReport(out.where(), len(info.input_shards), len(manifests), rows, failures, problems)
 
 
 def _hash_keys(keys: list[str]) -> np.ndarray:
@@ -108,10 +110,15 @@ def _hash_keys(keys: list[str]) -> np.ndarray:
     return pd.util.hash_array(np.asarray(keys, dtype=object)) if keys else np.zeros(0, np.uint64)
 
 
-def _duplicate_keys(out: Path, manifests: dict[str, Manifest], hashes: np.ndarray) -> list[str]:
+def _keys(store: DatasetStore, key: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(store.open_input(key), columns=[KEY]).column(KEY).to_pylist()
+
+
+def _duplicate_keys(out: DatasetStore, manifests: dict[str, Manifest], hashes: np.ndarray) -> list[str]:
     """Keys seen twice. 64-bit hashes sorted in numpy keep a billion keys in 8 GB; only the few hashes that
     repeat are looked up again as strings (to tell a true duplicate from a hash collision)."""
-    import pyarrow.parquet as pq
 
     hashes = np.sort(hashes)
     repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
@@ -120,9 +127,9 @@ def _duplicate_keys(out: Path, manifests: dict[str, Manifest], hashes: np.ndarra
     seen: Counter = Counter()
     for manifest in manifests.values():
         keys = [f["key"] for f in manifest.failures]
-        data = out / DATA_DIR / manifest.data_file
-        if data.is_file():
-            keys += pq.read_table(data, columns=[KEY]).column(KEY).to_pylist()
+        data = data_key(manifest.data_file)
+        if out.exists(data):
+            keys += _keys(out, data)
         seen.update(k for k, h in zip(keys, _hash_keys(keys).tolist()) if h in repeated)
     return sorted(k for k, n in seen.items() if n > 1)
 

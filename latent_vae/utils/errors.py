@@ -8,6 +8,7 @@ line, no traceback); 3 an unexpected internal error, a bug (a one-line summary f
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ EXIT_INTERNAL_ERROR = 3  # an unexpected error: a bug in this program, reported 
 
 class CommandError(ValueError):
     """A usage problem found while running a command; printed as one line."""
+
+
+class StorageError(ValueError):
+    """Where a command reads or writes refused or failed (a missing bucket, missing credentials, a denied
+    permission, a full disk, a store's fault past its retries); the message names the place and what to do."""
 
 
 class ImageError(ValueError):
@@ -100,3 +106,19 @@ def short_repr(value: Any, limit: int = 60) -> str:
     """`repr(value)`, cut to `limit` characters: a value quoted inside a one-line message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# The reason pyarrow gives for a failed write ("Error writing bytes to file. Detail: [errno 28] No space left on
+# device") is its detail.
+_ERRNO_DETAIL = re.compile(r"\[errno (\d+)\] ([^\n]*)", re.IGNORECASE)
+
+
+def storage_failure(where: str, error: BaseException) -> str:
+    """One line for a write to `where` that failed in the middle of a run (a full disk, a quota, a permission, a
+    store's fault past its retries): the file, the reason, and that the committed shards are kept."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+    detail = _ERRNO_DETAIL.search(reason)
+    if detail:
+        reason = detail.group(2).strip()
+    return (f"{printable(where)}: {reason}; the shards committed so far are kept: run the same command again "
+            "to resume (after freeing space or fixing the permission, if that was the cause)")

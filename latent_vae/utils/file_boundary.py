@@ -86,16 +86,23 @@ def json_or_none(content: str | bytes) -> Any:
 def read_json(path: str | os.PathLike, kind: type[Exception] = ValueError, *, what: str = "JSON file",
               expect: type | None = dict) -> Any:
     """A JSON file's value (a JSON object by default: anything else is `kind` naming the file and what it holds)."""
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise kind(f"{printable(str(path))}: not a text file") from None
+        data = Path(path).read_bytes()
     except OSError as error:
         raise bad_file(path, what, error, kind) from None
+    return json_record(data, str(path), kind, what=what, expect=expect)
+
+
+def json_record(data: bytes, where: str, kind: type[Exception] = ValueError, *, what: str = "JSON file",
+                expect: type | None = dict) -> Any:
+    """The value of a JSON file's bytes read from `where` (a path, or an object store's URL): as `read_json`."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise kind(f"{printable(where)}: not a text file") from None
     if not text.strip():
-        raise kind(f"{printable(str(path))}: not valid JSON (empty file)")
-    value = parse_json(text, str(path), kind)
+        raise kind(f"{printable(where)}: not valid JSON (empty file)")
+    value = parse_json(text, where, kind)
     if expect is not None and not isinstance(value, expect):
-        raise kind(f"{printable(str(path))}: {what} must hold a JSON object, got a {type(value).__name__}")
+        raise kind(f"{printable(where)}: {what} must hold a JSON object, got a {type(value).__name__}")
     return value
