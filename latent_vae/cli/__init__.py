@@ -12,9 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
-from ..utils.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, NonFiniteError, one_line
+from ..utils.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL_ERROR,
+    NonFiniteError,
+    PosteriorNoiseWarning,
+    one_line,
+)
 from . import coding, fp16, inspect, models, precompute
 from .common import OneLineParser, UsageError
 
@@ -47,9 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
     """Run a command with the documented exit statuses: its own 0/1, 2 with one line for an input that
-    stops it, 3 with a one-line summary and then the traceback for a bug."""
+    stops it, 3 with a one-line summary and then the traceback for a bug. The project's warnings (a posterior
+    that is mostly noise) are one line each too."""
     try:
-        return func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(prog, warnings.showwarning)
+            return func(args)
     except (ValueError, OSError, NonFiniteError) as error:
         # ImageError, ModelLoadError and CommandError are ValueErrors: one line, no traceback
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
@@ -63,3 +73,13 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         traceback.print_exc()
         return EXIT_INTERNAL_ERROR
 
+
+
+def _one_line_warning(prog: str, show: Callable) -> Callable:
+    """A `warnings.showwarning` that prints the project's warnings as "PROG: warning: ..." and others as before."""
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PosteriorNoiseWarning):
+            print(f"{prog}: warning: {one_line(message)}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return show_warning

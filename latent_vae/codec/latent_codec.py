@@ -34,6 +34,7 @@ from ..models.presets import downsampling_factor
 from ..utils.dtypes import SHORT_NAMES, resolve_dtype
 from ..utils.errors import NonFiniteError
 from ..utils.option_values import resolve_device
+from .posterior import PosteriorStats, warn_if_noisy
 from .tiling import CodingPlan, decode_exact, encode_exact, parse_memory, plan_coding
 
 
@@ -101,6 +102,7 @@ class LatentCodec:
             raise ValueError(f"tile_size must be at least {self.downsampling_factor} pixels, got {tile_size}")
         self.tile_size = tile_size
         self.last_plan: CodingPlan | None = None  # how the last forward pass was run (whole or tiled)
+        self.posterior_warned = False  # a posterior that is mostly noise is reported once, at the first sample
         # Tiling is exact here (latent_vae.codec.tiling): diffusers' approximate tiles never run inside the codec.
         vae.disable_tiling()
         if compile:
@@ -176,8 +178,9 @@ class LatentCodec:
     ) -> torch.Tensor | EncodeOutput:
         """images -> normalised latents (N x C x H/f x W/f, float32 on the codec's device).
 
-        The posterior's mode by default; `sample=True` draws from it (with `generator`). Sizes that are
-        not multiples of the downsampling factor are padded; keep `image_size` (`return_dict=True`) to
+        The posterior's mode by default; `sample=True` draws from it (with `generator`), with a
+        PosteriorNoiseWarning when the sample would be mostly noise (`latent_vae.codec.posterior`). Sizes that
+        are not multiples of the downsampling factor are padded; keep `image_size` (`return_dict=True`) to
         crop back on decode. All images of one call must have the same size.
         """
         pixels, image_size = self._image_batch(images)
@@ -185,12 +188,25 @@ class LatentCodec:
         logvar = logvar.clamp(-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
         raw = mean
         if sample:
+            std = torch.exp(0.5 * logvar)
+            self._check_posterior(mean, std)
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            raw = mean + torch.exp(0.5 * logvar) * noise
+            raw = mean + std * noise
         latents = self.normalization.normalize(raw)
         if return_dict:
             return EncodeOutput(latents=latents, mean=mean, logvar=logvar, image_size=tuple(image_size))
         return latents
+
+    def _check_posterior(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Warn, once per codec, when a sample of this batch's posterior would be mostly noise (one pass over the
+        moments)."""
+        if self.posterior_warned:
+            return
+        stats = PosteriorStats()
+        stats.update(mean, std)
+        self.posterior_warned = warn_if_noisy(
+            stats.noise_ratio(), self.vae.config.get("_name_or_path") or self.fingerprint,
+            advice="encode without sample=True (the posterior's mode)") is not None
 
     def encode_raw(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """images -> the posterior mean before normalisation (what calibration measures)."""

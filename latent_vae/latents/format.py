@@ -133,8 +133,11 @@ class LatentInfo:
     data_source: str | None = None  # what SRC was (for people)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
+    # The posterior's noise over the dataset (`PosteriorStats.record()` of every manifest), recorded when a run
+    # completes; the manifests hold the sums it comes from.
+    posterior: dict | None = None
     # Facts that do not have to match for a rerun to continue a dataset.
-    _COSMETIC = ("model_source", "data_source")
+    _COSMETIC = ("model_source", "data_source", "posterior")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,6 +212,7 @@ class Manifest:
     run_id: str = ""
     written_at: float = 0.0
     data_file: str = ""  # its name in data/: NAME.parquet, or NAME.ATTEMPT.parquet on an object store
+    posterior: dict | None = None  # its rows' `PosteriorStats.record()`: how noisy a posterior sample is
 
     def __post_init__(self) -> None:
         self.data_file = self.data_file or f"{self.input_shard}.parquet"

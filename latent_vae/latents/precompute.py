@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from ..codec.posterior import PosteriorStats, warn_if_noisy
 from ..images.reading import load_image
 from ..utils.dtypes import dtype_name
 from ..utils.errors import ImageError, printable
@@ -215,6 +216,7 @@ class PrecomputeSummary:
     world_size: int = 1
     complete: bool = True  # every shard committed and the closing verification found no problem
     problems: list[str] = field(default_factory=list)  # what that verification found (`verify_latents`)
+    posterior_noise: float | None = None  # how far a posterior sample lies from its mean (`codec.posterior`)
 
     def line(self) -> str:
         """One line for a terminal."""
@@ -222,7 +224,8 @@ class PrecomputeSummary:
         return (f"{self.rows} latents ({self.encoded_this_run} this run), {self.failures} failed"
                 f"{f' ({reasons})' if reasons else ''}, {self.shards} shards ({self.shards_done_before} done before, "
                 f"{self.shards_this_run} this run) -> {self.out}  [{self.images_per_second:.1f} img/s, "
-                f"{self.seconds:.1f} s, {self.world_size} process(es)]")
+                f"{self.seconds:.1f} s, {self.world_size} process(es)]"
+                + ("" if self.posterior_noise is None else f", posterior noise {self.posterior_noise:.3g}"))
 
 
 def _make_codec(model: Any, options: PrecomputeOptions, device: torch.device):
@@ -268,6 +271,7 @@ class _OpenShard:
     source: str
     beat: ClaimBeat
     failures: list[dict] = field(default_factory=list)
+    posterior: PosteriorStats = field(default_factory=PosteriorStats)  # of its rows, for its manifest
 
 
 class _Run:
@@ -373,15 +377,17 @@ class _Run:
 
     def _write_rows(self, shards: list[_OpenShard], items: list[dict], images: list[PreparedImage], moments) -> None:
         rows = moment_rows(images, [i["metadata"] for i in items], *moments, flip=self.options.flip, dtype=self.storage)
-        for shard, row in zip(shards, rows):
+        mean, std = moments
+        for i, (shard, row) in enumerate(zip(shards, rows)):
             shard.writer.add(row)
+            shard.posterior.update(mean[i], std[i])
 
     def _commit(self, name: str) -> None:
         shard = self.open[name]
         staged, checksum = shard.writer.finish()
         manifest = fmt.Manifest(name, str(shard.source), shard.writer.rows, shard.failures, checksum,
                                 staged.key.rsplit("/", 1)[-1] if staged.key != staged.final else "", HOST, os.getpid(),
-                                self.owner.run_id, time.time(), staged.file)
+                                self.owner.run_id, time.time(), staged.file, shard.posterior.record())
         if commit_shard(self.out, manifest, staged):
             self.committed += 1
         del self.open[name]
@@ -468,21 +474,35 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         per_rank = gather_object([mine])
     else:
         per_rank = [mine]
-    if state.is_main_process:  # what attempts that lost a commit (or were killed) left beside the winners' data
+    return _finish(out, names, per_rank, done_before, state.is_main_process, state.num_processes)
+
+
+def _finish(out: DatasetStore, names: list[str], per_rank: list[tuple], done_before: int, main: bool,
+            world_size: int) -> PrecomputeSummary:
+    """The end of every run: (the main process) removes what lost attempts left, verifies the dataset, records
+    the posterior's noise in latents.json (saying so when a sample would be mostly noise), writes failures.jsonl
+    and summary.json. Returns the summary."""
+    if main:  # what attempts that lost a commit (or were killed) left beside the winners' data
         remove_orphans(out, {n: m.data_file for n, m in fmt.read_manifests(out, names).items()})
     counts = count_dataset(out)
     # Every run ends by verifying what the dataset holds (manifests, row counts, every key once; `--verify` also
     # checks every file's sha256), so that it never calls complete a dataset that `--verify` rejects.
-    problems = verify_latents(out, checksums=False).problems if state.is_main_process else []
+    problems = verify_latents(out, checksums=False, posterior_warning=False).problems if main else []
+    noise = counts.posterior.noise_ratio()
     wall = max(r[3] for r in per_rank)
     encoded = sum(r[0] for r in per_rank)
     summary = PrecomputeSummary(
         out=out.where(), shards=counts.shards, shards_done_before=done_before, rows=counts.rows,
         failures=counts.failures, failure_reasons=counts.failure_reasons, encoded_this_run=encoded,
         failed_this_run=sum(r[1] for r in per_rank), shards_this_run=sum(r[2] for r in per_rank), seconds=wall,
-        images_per_second=encoded / wall if wall > 0 else 0.0, world_size=state.num_processes,
-        complete=counts.complete and not problems, problems=problems)
-    if state.is_main_process:
+        images_per_second=encoded / wall if wall > 0 else 0.0, world_size=world_size,
+        complete=counts.complete and not problems, problems=problems, posterior_noise=noise)
+    if main:
+        info = fmt.LatentInfo.read(out)
+        info.posterior = counts.posterior.record()
+        out.write(fmt.INFO_FILE, info.to_json().encode())
+        warn_if_noisy(noise, info.model_source or info.fingerprint, where=out.where(),
+                      advice="train on the stored means (load_latents(..., sample=False))")
         failures = fmt.read_failures(out)
         out.write(fmt.FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures).encode())
         out.write(fmt.SUMMARY_FILE, json.dumps(asdict(summary), indent=2).encode())

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..codec.posterior import warn_if_noisy
 from .format import (
     FAILURES_FILE,
     FLIPPED,
@@ -27,6 +28,7 @@ from .format import (
 )
 from .provenance import check_made_by
 from .storage import DatasetStore, data_key, open_store
+from .verify import dataset_posterior
 from .writer import shard_state
 
 
@@ -233,6 +235,10 @@ def load_latents(
         raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability}")
     if flip_probability > 0 and not info.flip:
         raise ValueError(f"{path}: no mirrored latents stored (precompute with --flip), so flip_probability must be 0")
+    if sample:  # a posterior that is mostly noise would feed the noise to a diffusion model without a word
+        noise = dataset_posterior({n: manifests[n] for n in done}).noise_ratio()
+        warn_if_noisy(noise, info.model_source or info.fingerprint, where=out.where(),
+                      advice="read the means instead (load_latents(..., sample=False))")
     transform = LatentTransform(info, sample=sample, flip_probability=flip_probability)
     if streaming:
         rank, world_size = _distributed_position(rank, world_size)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..codec.posterior import PosteriorStats, warn_if_noisy
 from ..utils.errors import one_line
 from .format import KEY, LatentInfo, Manifest, read_manifests
 from .storage import DATA_DIR, DATA_SUFFIX, DatasetStore, data_key, open_store
@@ -23,10 +24,19 @@ class DatasetCounts:
     rows: int
     failures: int
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    posterior: PosteriorStats = field(default_factory=PosteriorStats)
 
     @property
     def complete(self) -> bool:
         return self.shards_done == self.shards
+
+
+def dataset_posterior(manifests: dict[str, Manifest]) -> PosteriorStats:
+    """The posterior's noise over every committed row: the manifests' sums added up."""
+    total = PosteriorStats()
+    for manifest in manifests.values():
+        total = total.merge(PosteriorStats.from_record(manifest.posterior))
+    return total
 
 
 def count_dataset(path: str | os.PathLike | DatasetStore) -> DatasetCounts:
@@ -36,7 +46,7 @@ def count_dataset(path: str | os.PathLike | DatasetStore) -> DatasetCounts:
     reasons = Counter(f["reason"] for m in manifests.values() for f in m.failures)
     done = sum(shard_state(store, n) == "complete" for n in manifests)
     return DatasetCounts(len(info.input_shards), done, sum(m.rows for m in manifests.values()),
-                         sum(reasons.values()), dict(reasons))
+                         sum(reasons.values()), dict(reasons), dataset_posterior(manifests))
 
 
 @dataclass
@@ -47,6 +57,7 @@ class VerifyReport:
     rows: int
     failures: int
     problems: list[str]
+    posterior_noise: float | None = None  # `PosteriorStats.noise_ratio` over every row (None: not recorded)
 
     @property
     def ok(self) -> bool:
@@ -54,15 +65,17 @@ class VerifyReport:
 
     def line(self) -> str:
         verdict = "OK" if self.ok else f"{len(self.problems)} problem(s)"
+        noise = "" if self.posterior_noise is None else f", posterior noise {self.posterior_noise:.3g}"
         return (f"{self.path}: {verdict}: {self.shards_done} of {self.shards} shards complete, {self.rows} rows, "
-                f"{self.failures} failures" + (", every key once" if self.ok else ""))
+                f"{self.failures} failures" + (", every key once" if self.ok else "") + noise)
 
 
 def verify_latents(path: str | os.PathLike | DatasetStore, *, checksums: bool = True,
-                   storage_options: dict | None = None) -> VerifyReport:
+                   storage_options: dict | None = None, posterior_warning: bool = True) -> VerifyReport:
     """Check a latent dataset against its own records: every input shard has a manifest, every manifest's data
     file is there with its row count and sha256, no data file is unaccounted for, and every key (rows and
-    failures together) occurs once. Problems are listed, one line each; ValueError if it is no latent dataset."""
+    failures together) occurs once. Problems are listed, one line each; ValueError if it is no latent dataset.
+    The posterior's noise is reported too, with a PosteriorNoiseWarning when a sample would be mostly noise."""
     import pyarrow.parquet as pq
 
     out = open_store(path, storage_options)
@@ -101,7 +114,11 @@ def verify_latents(path: str | os.PathLike | DatasetStore, *, checksums: bool = 
     duplicates = _duplicate_keys(out, manifests, np.concatenate(key_hashes) if key_hashes else np.zeros(0, np.uint64))
     if duplicates:
         problems.append(f"{len(duplicates)} key(s) occur more than once: {', '.join(map(str, duplicates[:5]))}")
-    return VerifyReport(out.where(), len(info.input_shards), len(manifests), rows, failures, problems)
+    noise = dataset_posterior(manifests).noise_ratio()
+    if posterior_warning:
+        warn_if_noisy(noise, info.model_source or info.fingerprint, where=out.where(),
+                      advice="train on its means (load_latents(..., sample=False))")
+    return VerifyReport(out.where(), len(info.input_shards), len(manifests), rows, failures, problems, noise)
 
 
 def _hash_keys(keys: list[str]) -> np.ndarray:

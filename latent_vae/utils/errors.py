@@ -47,6 +47,10 @@ class Fp16FixError(ValueError):
     """A model the fp16 transform (`latent_vae.fp16.rescale`) cannot prove it rescales exactly, or cannot bring into range."""
 
 
+class PosteriorNoiseWarning(UserWarning):
+    """A posterior sample would drown the latents (`latent_vae.codec.posterior`): use the mean, or retrain."""
+
+
 # A message of several lines (a library's report) is kept whole on one line, but cut to this many characters.
 MULTILINE_LIMIT = 400
 
