@@ -292,6 +292,7 @@ class _Run:
         # thread feeds the accelerator the next batch (else it idles through every parquet write).
         self.writer_thread = ThreadPoolExecutor(1, thread_name_prefix="write")
         self.written: deque[Future] = deque()
+        self.write_failed = False  # once a write fails, nothing after it runs: no shard may commit without its rows
 
     def run(self, workers: int) -> None:
         names = [s.name for s in self.source.shards]
@@ -340,7 +341,18 @@ class _Run:
         """Run `work(*args)` in the writer thread after what was handed to it before; raise its earlier errors."""
         while self.written and (self.written[0].done() or len(self.written) > WRITES_AHEAD):
             self.written.popleft().result()
-        self.written.append(self.writer_thread.submit(work, *args))
+        self.written.append(self.writer_thread.submit(self._after_good_writes, work, *args))
+
+    def _after_good_writes(self, work, *args) -> None:
+        """Writes run in order; after one has failed (its error waits in its future for the main thread), the
+        rest are skipped, since a commit queued behind it would publish its shard without the failed rows."""
+        if self.write_failed:
+            return
+        try:
+            work(*args)
+        except BaseException:
+            self.write_failed = True
+            raise
 
     def _take(self, item: dict) -> None:
         kind, name = item["kind"], item["shard"]
