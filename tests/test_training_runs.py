@@ -161,7 +161,7 @@ def test_gan_with_gradient_accumulation_matches_the_larger_batch(training_images
 
 def test_without_validation_data_the_run_validates_on_held_out_images_it_never_trains_on(training_images, tmp_path,
                                                                                         monkeypatch):
-    real_load, real_validation_crops = ImageSource.load, train_module.validation_crops
+    real_load, real_validation_images = ImageSource.load, train_module.validation_images
     loaded, phase = [], {"training": False}
 
     def recording_load(self, index):
@@ -170,12 +170,12 @@ def test_without_validation_data_the_run_validates_on_held_out_images_it_never_t
         return real_load(self, index)
 
     def validation_then_training(*args, **kwargs):
-        crops = real_validation_crops(*args, **kwargs)
+        images = real_validation_images(*args, **kwargs)  # the crops, and the same images at use_resolution
         phase["training"] = True  # every image read from here on is for training (or calibration)
-        return crops
+        return images
 
     monkeypatch.setattr(ImageSource, "load", recording_load)
-    monkeypatch.setattr(train_module, "validation_crops", validation_then_training)
+    monkeypatch.setattr(train_module, "validation_images", validation_then_training)
     out = tmp_path / "run"
     main(tiny(training_images, out, max_steps=6, disc_weight=0.0, checkpoint_every=0))
     held_out = json.loads((out / "checkpoint-0000006" / "trainer_state.json").read_text())["validation_held_out"]

@@ -1,0 +1,145 @@
+"""The posterior q(z|x) of a KL-VAE, measured and (optionally) fixed.
+
+A latent dataset samples the posterior by default (as Stable Diffusion's training does with
+`latent_dist.sample()`): that is only sound where the posterior's spread is small beside the latent's own
+variation, at the sizes where the model is used. `measure_posterior` scores it on images; `hold_logvar`
+makes the spread a constant of the weights, so it holds at every size by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from latent_vae.images.metrics import psnr
+from latent_vae.inspection.measures import gaussian_kl
+
+# A channel whose means vary by less than this fraction of the most varied channel's variance counts as constant.
+CONSTANT = 1e-8
+
+
+@dataclass
+class PosteriorReport:
+    """What `measure_posterior` found over a set of images of one size."""
+
+    psnr_mean: float  # decode(posterior mean), dB, mean over images
+    psnr_sample: float  # decode(one posterior sample), dB, mean over images
+    logvar_mean: float
+    logvar_max: float
+    kl_per_value: float  # KL(q || N(0, 1)) per latent value, nats
+    # per channel: mean posterior variance / variance of the posterior means across images and positions; None
+    # for a channel whose mean does not vary (a latent channel the model leaves unused, such as a shortcut
+    # model's spare channels before training fills them): no ratio says anything there
+    noise_ratio: list[float | None] = field(default_factory=list)
+
+    @property
+    def sample_gap(self) -> float:
+        """dB the sample loses against the mean (positive: the sample is worse)."""
+        return self.psnr_mean - self.psnr_sample
+
+    @property
+    def noise_ratio_max(self) -> float | None:
+        """The largest noise ratio over the channels whose means vary; None if none does."""
+        return max((r for r in self.noise_ratio if r is not None), default=None)
+
+    @property
+    def constant_channels(self) -> int:
+        return sum(r is None for r in self.noise_ratio)
+
+
+@dataclass
+class _Sums:
+    """Running sums over images, so that large images go through one at a time."""
+
+    psnr_mean: list[float] = field(default_factory=list)
+    psnr_sample: list[float] = field(default_factory=list)
+    values: int = 0
+    logvar: float = 0.0
+    logvar_max: float = float("-inf")
+    kl: float = 0.0
+    variance: torch.Tensor | None = None  # per channel: sum of posterior variances
+    mean: torch.Tensor | None = None  # per channel: sum of means
+    mean_sq: torch.Tensor | None = None  # per channel: sum of squared means
+
+    def add(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        mean, logvar = mean.double(), logvar.double()
+        per_channel = lambda t: t.sum(dim=(0, 2, 3))
+        sums = (per_channel(logvar.exp()), per_channel(mean), per_channel(mean.pow(2)))
+        if self.variance is None:
+            self.variance, self.mean, self.mean_sq = sums
+        else:
+            self.variance, self.mean, self.mean_sq = (a + b for a, b in zip((self.variance, self.mean, self.mean_sq), sums))
+        self.values += mean.numel()
+        self.logvar += logvar.sum().item()
+        self.logvar_max = max(self.logvar_max, logvar.max().item())
+        self.kl += gaussian_kl(mean, logvar).sum().item()
+
+    def report(self) -> PosteriorReport:
+        per_channel = self.values / self.variance.numel()
+        spread = (self.mean_sq / per_channel - (self.mean / per_channel).pow(2)).clamp_min(0)
+        ratio = (self.variance / per_channel) / spread.clamp_min(1e-30)
+        varies = spread > CONSTANT * spread.max()
+        average = lambda xs: sum(xs) / len(xs)
+        return PosteriorReport(psnr_mean=average(self.psnr_mean), psnr_sample=average(self.psnr_sample),
+                               logvar_mean=self.logvar / self.values, logvar_max=self.logvar_max,
+                               kl_per_value=self.kl / self.values,
+                               noise_ratio=[r if v else None for r, v in zip(ratio.tolist(), varies.tolist())])
+
+
+@torch.no_grad()
+def measure_posterior(vae: nn.Module, images: Iterable[torch.Tensor], *, seed: int = 0,
+                      device: torch.device | str = "cpu") -> PosteriorReport:
+    """Encode each batch of `images` (Nx3xHxW in [-1, 1]; one size), decode the posterior mean and one posterior
+    sample (noise drawn from `seed`), and score both against the image; the latents' statistics too."""
+    generator = torch.Generator().manual_seed(seed)
+    sums = _Sums()
+    for batch in images:
+        batch = batch.to(device)
+        posterior = vae.encode(batch).latent_dist  # diffusers clamps logvar to [-30, 20]
+        mean, logvar = posterior.mean.float(), posterior.logvar.float()
+        noise = torch.randn(mean.shape, generator=generator).to(mean)
+        sample = mean + (0.5 * logvar).exp() * noise
+        for latent, scores in ((mean, sums.psnr_mean), (sample, sums.psnr_sample)):
+            decoded = vae.decode(latent).sample.float().clamp(-1, 1)
+            scores += psnr(batch.float(), decoded).tolist()
+        sums.add(mean.cpu(), logvar.cpu())
+    if sums.variance is None:
+        raise ValueError("measure_posterior needs at least one image")
+    return sums.report()
+
+
+def moments_conv(vae: nn.Module) -> nn.Conv2d:
+    """The last layer that makes the posterior's moments (mean channels, then log-variance channels):
+    quant_conv where the model has one, else the encoder's conv_out."""
+    return vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+
+
+@torch.no_grad()
+def set_logvar(vae: nn.Module, value: float) -> None:
+    """Make the posterior log-variance the constant `value` at every position of every image: the log-variance
+    rows of the moments layer get zero weights and bias `value`. A plain AutoencoderKL still, saved as one."""
+    conv = moments_conv(vae)
+    half = conv.out_channels // 2
+    conv.weight[half:].zero_()
+    conv.bias[half:].fill_(value)
+
+
+def hold_logvar(vae: nn.Module, value: float, optimizer: torch.optim.Optimizer) -> None:
+    """`set_logvar`, kept through training by `optimizer` (built on the VAE's parameters, before Accelerate's
+    prepare): the rows' gradients are zeroed, so they take no part in gradient clipping and Adam leaves them
+    where they are, and they are set again after each step, where weight decay would shrink them."""
+    set_logvar(vae, value)
+    conv = moments_conv(vae)
+    half = conv.out_channels // 2
+
+    def zero_rows(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[half:] = 0
+        return grad
+
+    conv.weight.register_hook(zero_rows)
+    conv.bias.register_hook(zero_rows)
+    optimizer.register_step_post_hook(lambda *_: set_logvar(vae, value))
