@@ -207,6 +207,9 @@ def test_the_readme_demo_trains_then_scores_the_held_out_photo(tmp_path):
     assert results["vae_psnr"] > 20 and results["native_vae_psnr"] > 18 and results["bicubic_psnr"] > 20
     # what training started from, scored beside it: after 3 steps the model is still close to its code
     assert abs(results["vae_psnr"] - results["code_psnr"]) < 1.5 and "native_code_ssim" in results
+    # the recipe's posterior: a sample decodes as its mean does at 1024
+    assert results["posterior_psnr_mean"] - results["posterior_psnr_sample"] < 0.02 * results["posterior_psnr_mean"]
+    assert results["posterior_psnr_mean"] == pytest.approx(results["vae_psnr"], rel=0.01)
     for name in ("heldout_comparison.png", "heldout_detail.png", "interpolation.png", "demo_results.json"):
         assert (tmp_path / name).is_file()
     assert load_vae(results["model_dir"]).config.shortcut == "thumbnail"
