@@ -86,6 +86,7 @@ class TrainConfig:
     # can run to logvar_max at larger sizes, where sampling then drowns the latent (docs/training.md).
     # "fixed": the log-variance is the constant fixed_logvar everywhere, by construction (zero weights and a
     # constant bias in its rows of quant_conv, which training leaves as they are); still a plain AutoencoderKL.
+    # A pretrained model's own log-variance is replaced at the start; with freeze_encoder it is kept as it is.
     posterior_logvar: Literal["learned", "fixed"] = "learned"
     fixed_logvar: float = -10.0  # posterior std exp(-5) = 0.0067, as a shortcut model's zero-init posterior
     lpips_weight: float = 1.0
@@ -147,9 +148,6 @@ class TrainConfig:
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
         if self.posterior_logvar not in ("learned", "fixed"):
             raise ValueError(f"posterior_logvar must be learned or fixed, got {self.posterior_logvar!r}")
-        if self.posterior_logvar == "fixed" and self.freeze_encoder:
-            raise ValueError("posterior_logvar fixed rewrites quant_conv's log-variance rows, which freeze_encoder keeps "
-                             "as they are: use one or the other")
         if self.validation_holdout < 0:
             raise ValueError(f"validation_holdout must be 0 or more, got {self.validation_holdout}")
 

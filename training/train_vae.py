@@ -187,7 +187,7 @@ def build_models(config: TrainConfig, accelerator: Accelerator) -> tuple[TrainSt
     model = AutoencoderWithLoss(vae, loss_weights(config), lpips)
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
-    if config.posterior_logvar == "fixed":
+    if config.posterior_logvar == "fixed" and not config.freeze_encoder:  # (a frozen encoder keeps its posterior)
         hold_logvar(vae, config.fixed_logvar, optimizer)
     # Not prepared by Accelerate, which would step it once per process per step; stepped once per optimiser step.
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
