@@ -14,7 +14,7 @@ from latent_vae import build_vae
 from latent_vae.images.reading import centre_square, load_image, pil_to_tensor
 from training.config import load_config
 from training.posterior import hold_logvar, measure_posterior, moments_conv, set_logvar
-from training.train_vae import ValidationImages, validate, validation_lines
+from training.train_vae import ValidationImages, main, validate, validation_lines
 
 # Untrained, its decoder is a block code of the latent, so the PSNR of a decoded sample shows the posterior's noise
 # (an untrained plain decoder hardly depends on its latent).
@@ -94,6 +94,24 @@ def test_a_latent_channel_whose_mean_never_varies_has_no_noise_ratio():
     report = measure_posterior(vae, [torch.rand(2, 3, 32, 32) * 2 - 1])
     assert report.noise_ratio[3] is None and report.constant_channels == 1
     assert report.noise_ratio_max == max(r for r in report.noise_ratio if r is not None)
+
+
+@pytest.mark.usefixtures("fresh_accelerator")
+def test_training_with_the_recipes_posterior_samples_close_to_the_mean_at_four_times_the_crop_side(
+        training_images, tmp_path):
+    recipe = load_config("cpu_demo")
+    assert recipe.posterior_logvar == load_config("f16c16").posterior_logvar == "fixed"
+    config = load_config("tiny_test", {
+        "data": str(training_images), "output_dir": str(tmp_path / "run"), "max_steps": 12, "validate_every": 0,
+        "checkpoint_every": 0, "disc_weight": 0.0, "posterior_logvar": recipe.posterior_logvar,
+        "fixed_logvar": recipe.fixed_logvar})
+    vae = AutoencoderKL.from_pretrained(main(config))  # plain diffusers, as a pipeline loads it
+    images = squares(training_images, 4 * config.resolution)
+    assert sample_noise(vae, images).max() < 0.01  # a sample lies within a tenth of the latent's spread
+    # The class of fault: a posterior whose log-variance ran up (as a learned one does beyond its crop size)
+    with torch.no_grad():
+        moments_conv(vae).bias[vae.config.latent_channels:] += 12.0
+    assert sample_noise(vae, images).max() > 1  # the same check fails: sampling drowns the latent
 
 
 def test_validation_reports_a_posterior_sample_and_the_kl_at_the_validation_and_use_sizes(tmp_path):
