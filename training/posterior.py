@@ -60,27 +60,22 @@ class _Sums:
     logvar: float = 0.0
     logvar_max: float = float("-inf")
     kl: float = 0.0
-    variance: torch.Tensor | None = None  # per channel: sum of posterior variances
-    mean: torch.Tensor | None = None  # per channel: sum of means
-    mean_sq: torch.Tensor | None = None  # per channel: sum of squared means
+    # per channel (3 x C): the sums of the posterior variances, of the means and of the squared means
+    channel_sums: torch.Tensor | None = None
 
     def add(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
         mean, logvar = mean.double(), logvar.double()
-        per_channel = lambda t: t.sum(dim=(0, 2, 3))
-        sums = (per_channel(logvar.exp()), per_channel(mean), per_channel(mean.pow(2)))
-        if self.variance is None:
-            self.variance, self.mean, self.mean_sq = sums
-        else:
-            self.variance, self.mean, self.mean_sq = (a + b for a, b in zip((self.variance, self.mean, self.mean_sq), sums))
+        sums = torch.stack([logvar.exp(), mean, mean.pow(2)]).sum(dim=(1, 3, 4))
+        self.channel_sums = sums if self.channel_sums is None else self.channel_sums + sums
         self.values += mean.numel()
         self.logvar += logvar.sum().item()
         self.logvar_max = max(self.logvar_max, logvar.max().item())
         self.kl += gaussian_kl(mean, logvar).sum().item()
 
     def report(self) -> PosteriorReport:
-        per_channel = self.values / self.variance.numel()
-        spread = (self.mean_sq / per_channel - (self.mean / per_channel).pow(2)).clamp_min(0)
-        ratio = (self.variance / per_channel) / spread.clamp_min(1e-30)
+        variance, mean, mean_sq = self.channel_sums / (self.values / self.channel_sums.shape[1])
+        spread = (mean_sq - mean.pow(2)).clamp_min(0)  # the variance of the means across images and positions
+        ratio = variance / spread.clamp_min(1e-30)
         varies = spread > CONSTANT * spread.max()
         average = lambda xs: sum(xs) / len(xs)
         return PosteriorReport(psnr_mean=average(self.psnr_mean), psnr_sample=average(self.psnr_sample),
@@ -106,7 +101,7 @@ def measure_posterior(vae: nn.Module, images: Iterable[torch.Tensor], *, seed: i
             decoded = vae.decode(latent).sample.float().clamp(-1, 1)
             scores += psnr(batch.float(), decoded).tolist()
         sums.add(mean.cpu(), logvar.cpu())
-    if sums.variance is None:
+    if sums.channel_sums is None:
         raise ValueError("measure_posterior needs at least one image")
     return sums.report()
 
