@@ -28,13 +28,13 @@ def logvar_rows(vae) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sample_noise(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    """Per channel: the mean squared distance of diffusers' own `latent_dist.sample()` from the posterior mean,
-    over the variance of the means across images and positions (the latent's own spread)."""
+    """Per channel: the RMS distance of diffusers' own `latent_dist.sample()` from the posterior mean, over the
+    standard deviation of the means across images and positions (the latent's own spread)."""
     torch.manual_seed(0)
     with torch.no_grad():
         posterior = vae.encode(images).latent_dist
         sample, mean = posterior.sample(), posterior.mean
-    return (sample - mean).pow(2).mean(dim=(0, 2, 3)) / mean.var(dim=(0, 2, 3))
+    return ((sample - mean).pow(2).mean(dim=(0, 2, 3)) / mean.var(dim=(0, 2, 3))).sqrt()
 
 
 def squares(folder: Path, size: int) -> torch.Tensor:
@@ -82,7 +82,7 @@ def test_measure_posterior_tells_a_sound_posterior_from_one_that_drowns_the_late
     assert abs(sound.sample_gap) < 0.05 * sound.psnr_mean
     assert noisy.sample_gap > 0.1 * noisy.psnr_mean
     assert sound.logvar_max == pytest.approx(-10.0) and noisy.logvar_max == pytest.approx(4.0)
-    assert sound.noise_ratio_max < 0.05 and noisy.noise_ratio_max > 1
+    assert sound.noise_ratio < 0.1 and sound.worst_channel_noise_ratio < 0.25 and noisy.noise_ratio > 1
     assert noisy.kl_per_value > 2 * sound.kl_per_value
 
 
@@ -92,8 +92,9 @@ def test_a_latent_channel_whose_mean_never_varies_has_no_noise_ratio():
     with torch.no_grad():  # channel 3 of the mean: a constant
         moments_conv(vae).weight[3].zero_()
     report = measure_posterior(vae, [torch.rand(2, 3, 32, 32) * 2 - 1])
-    assert report.noise_ratio[3] is None and report.constant_channels == 1
-    assert report.noise_ratio_max == max(r for r in report.noise_ratio if r is not None)
+    ratios = report.channel_noise_ratios
+    assert ratios[3] is None and sum(r is None for r in ratios) == 1
+    assert report.worst_channel_noise_ratio == max(r for r in ratios if r is not None)
 
 
 @pytest.mark.usefixtures("fresh_accelerator")
@@ -107,7 +108,7 @@ def test_training_with_the_recipes_posterior_samples_close_to_the_mean_at_four_t
         "fixed_logvar": recipe.fixed_logvar})
     vae = AutoencoderKL.from_pretrained(main(config))  # plain diffusers, as a pipeline loads it
     images = squares(training_images, 4 * config.resolution)
-    assert sample_noise(vae, images).max() < 0.01  # a sample lies within a tenth of the latent's spread
+    assert sample_noise(vae, images).max() < 0.1  # a sample lies within a tenth of the latent's spread
     # The class of fault: a posterior whose log-variance ran up (as a learned one does beyond its crop size)
     with torch.no_grad():
         moments_conv(vae).bias[vae.config.latent_channels:] += 12.0

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from latent_vae.codec.posterior import PosteriorStats
 from latent_vae.images.metrics import psnr
 from latent_vae.inspection.measures import gaussian_kl
-
-# A channel whose means vary by less than this fraction of the most varied channel's variance counts as constant.
-CONSTANT = 1e-8
 
 
 @dataclass
@@ -30,10 +28,11 @@ class PosteriorReport:
     logvar_mean: float
     logvar_max: float
     kl_per_value: float  # KL(q || N(0, 1)) per latent value, nats
-    # per channel: mean posterior variance / variance of the posterior means across images and positions; None
-    # for a channel whose mean does not vary (a latent channel the model leaves unused, such as a shortcut
-    # model's spare channels before training fills them): no ratio says anything there
-    noise_ratio: list[float | None] = field(default_factory=list)
+    # How far a sample lies from its mean against the spread of the means across images and positions, as
+    # `precompute` records it (latent_vae.codec.posterior): over all channels, and per channel (None for a channel
+    # whose mean never varies, such as a shortcut model's spare channels before training fills them)
+    noise_ratio: float | None
+    channel_noise_ratios: list[float | None] = field(default_factory=list)
 
     @property
     def sample_gap(self) -> float:
@@ -41,13 +40,9 @@ class PosteriorReport:
         return self.psnr_mean - self.psnr_sample
 
     @property
-    def noise_ratio_max(self) -> float | None:
-        """The largest noise ratio over the channels whose means vary; None if none does."""
-        return max((r for r in self.noise_ratio if r is not None), default=None)
-
-    @property
-    def constant_channels(self) -> int:
-        return sum(r is None for r in self.noise_ratio)
+    def worst_channel_noise_ratio(self) -> float | None:
+        """The largest noise ratio of a channel whose means vary; None if none does."""
+        return max((r for r in self.channel_noise_ratios if r is not None), default=None)
 
 
 @dataclass
@@ -60,28 +55,22 @@ class _Sums:
     logvar: float = 0.0
     logvar_max: float = float("-inf")
     kl: float = 0.0
-    # per channel (3 x C): the sums of the posterior variances, of the means and of the squared means
-    channel_sums: torch.Tensor | None = None
+    channels: PosteriorStats = field(default_factory=PosteriorStats)
 
     def add(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
         mean, logvar = mean.double(), logvar.double()
-        sums = torch.stack([logvar.exp(), mean, mean.pow(2)]).sum(dim=(1, 3, 4))
-        self.channel_sums = sums if self.channel_sums is None else self.channel_sums + sums
+        self.channels.update(mean, (0.5 * logvar).exp())
         self.values += mean.numel()
         self.logvar += logvar.sum().item()
         self.logvar_max = max(self.logvar_max, logvar.max().item())
         self.kl += gaussian_kl(mean, logvar).sum().item()
 
     def report(self) -> PosteriorReport:
-        variance, mean, mean_sq = self.channel_sums / (self.values / self.channel_sums.shape[1])
-        spread = (mean_sq - mean.pow(2)).clamp_min(0)  # the variance of the means across images and positions
-        ratio = variance / spread.clamp_min(1e-30)
-        varies = spread > CONSTANT * spread.max()
         average = lambda xs: sum(xs) / len(xs)
         return PosteriorReport(psnr_mean=average(self.psnr_mean), psnr_sample=average(self.psnr_sample),
                                logvar_mean=self.logvar / self.values, logvar_max=self.logvar_max,
-                               kl_per_value=self.kl / self.values,
-                               noise_ratio=[r if v else None for r, v in zip(ratio.tolist(), varies.tolist())])
+                               kl_per_value=self.kl / self.values, noise_ratio=self.channels.noise_ratio(),
+                               channel_noise_ratios=self.channels.record()["channel_noise_ratios"])
 
 
 @torch.no_grad()
@@ -101,7 +90,7 @@ def measure_posterior(vae: nn.Module, images: Iterable[torch.Tensor], *, seed: i
             decoded = vae.decode(latent).sample.float().clamp(-1, 1)
             scores += psnr(batch.float(), decoded).tolist()
         sums.add(mean.cpu(), logvar.cpu())
-    if sums.channel_sums is None:
+    if not sums.values:
         raise ValueError("measure_posterior needs at least one image")
     return sums.report()
 
