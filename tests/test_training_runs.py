@@ -161,7 +161,7 @@ def test_gan_with_gradient_accumulation_matches_the_larger_batch(training_images
 
 def test_without_validation_data_the_run_validates_on_held_out_images_it_never_trains_on(training_images, tmp_path,
                                                                                         monkeypatch):
-    real_load, real_validation_crops = ImageSource.load, train_module.validation_crops
+    real_load, real_validation_images = ImageSource.load, train_module.validation_images
     loaded, phase = [], {"training": False}
 
     def recording_load(self, index):
@@ -170,12 +170,12 @@ def test_without_validation_data_the_run_validates_on_held_out_images_it_never_t
         return real_load(self, index)
 
     def validation_then_training(*args, **kwargs):
-        crops = real_validation_crops(*args, **kwargs)
+        images = real_validation_images(*args, **kwargs)  # the crops, and the same images at use_resolution
         phase["training"] = True  # every image read from here on is for training (or calibration)
-        return crops
+        return images
 
     monkeypatch.setattr(ImageSource, "load", recording_load)
-    monkeypatch.setattr(train_module, "validation_crops", validation_then_training)
+    monkeypatch.setattr(train_module, "validation_images", validation_then_training)
     out = tmp_path / "run"
     main(tiny(training_images, out, max_steps=6, disc_weight=0.0, checkpoint_every=0))
     held_out = json.loads((out / "checkpoint-0000006" / "trainer_state.json").read_text())["validation_held_out"]
@@ -207,6 +207,9 @@ def test_the_readme_demo_trains_then_scores_the_held_out_photo(tmp_path):
     assert results["vae_psnr"] > 20 and results["native_vae_psnr"] > 18 and results["bicubic_psnr"] > 20
     # what training started from, scored beside it: after 3 steps the model is still close to its code
     assert abs(results["vae_psnr"] - results["code_psnr"]) < 1.5 and "native_code_ssim" in results
+    # the recipe's posterior: a sample decodes as its mean does at 1024
+    assert results["posterior_psnr_mean"] - results["posterior_psnr_sample"] < 0.02 * results["posterior_psnr_mean"]
+    assert results["posterior_psnr_mean"] == pytest.approx(results["vae_psnr"], rel=0.01)
     for name in ("heldout_comparison.png", "heldout_detail.png", "interpolation.png", "demo_results.json"):
         assert (tmp_path / name).is_file()
     assert load_vae(results["model_dir"]).config.shortcut == "thumbnail"

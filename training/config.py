@@ -46,6 +46,10 @@ class TrainConfig:
     validation_holdout: int = 4
     num_validation_images: int = 4  # validated (and drawn) images, at most the held-out ones
     validation_resolution: int = 256
+    # The size the model is used at (0: not measured): validation also scores the posterior (mean, one sample, KL)
+    # of num_use_images images at this size, where a posterior learnt on small crops can fail unseen.
+    use_resolution: int = 1024
+    num_use_images: int = 2
     validate_every: int = 500  # steps; 0 disables (a last validation still runs at the end)
     calibration_images: int = 64  # crops measured for the saved latent normalisation
 
@@ -78,6 +82,13 @@ class TrainConfig:
     kl_weight: float = 1e-6
     logvar_min: float = -30.0
     logvar_max: float = 20.0
+    # "learned": the encoder predicts the posterior's log-variance (LDM). It is only trained at the crop size, and
+    # can run to logvar_max at larger sizes, where sampling then drowns the latent (docs/training.md).
+    # "fixed": the log-variance is the constant fixed_logvar everywhere, by construction (zero weights and a
+    # constant bias in its rows of quant_conv, which training leaves as they are); still a plain AutoencoderKL.
+    # A pretrained model's own log-variance is replaced at the start; with freeze_encoder it is kept as it is.
+    posterior_logvar: Literal["learned", "fixed"] = "learned"
+    fixed_logvar: float = -10.0  # posterior std exp(-5) = 0.0067, as a shortcut model's zero-init posterior
     lpips_weight: float = 1.0
     lpips_weights: str = ""  # local .safetensors (python -m training.lpips --help); empty: the default cache file
     sharpness_loss: Literal["fft", "ssim"] = "fft"
@@ -135,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"crop_policy must be ldm or native, got {self.crop_policy!r}")
         if not 0 < self.crop_min <= 1:
             raise ValueError(f"crop_min must be in (0, 1], got {self.crop_min}")
+        if self.posterior_logvar not in ("learned", "fixed"):
+            raise ValueError(f"posterior_logvar must be learned or fixed, got {self.posterior_logvar!r}")
         if self.validation_holdout < 0:
             raise ValueError(f"validation_holdout must be 0 or more, got {self.validation_holdout}")
 
@@ -144,17 +157,17 @@ _FINITE = values.Real(-1e300, inclusive=True, wanted="a finite number")
 # The range of every number of the config (crop_min and min_scale are checked in validate, with their message).
 NUMBER_RULES = {
     **dict.fromkeys(("batch_size", "gradient_accumulation_steps", "max_steps", "keep_checkpoints",
-                     "num_validation_images", "calibration_images", "log_every", "max_nonfinite_steps", "disc_layers",
-                     "disc_channels"), values.positive_int),
+                     "num_validation_images", "num_use_images", "calibration_images", "log_every",
+                     "max_nonfinite_steps", "disc_layers", "disc_channels"), values.positive_int),
     **dict.fromkeys(("resolution", "validation_resolution"), values.image_side),
     **dict.fromkeys(("num_workers", "validation_holdout", "validate_every", "checkpoint_every", "torch_threads",
-                     "lr_warmup_steps", "disc_start", "max_pixels"), values.non_negative_int),
+                     "lr_warmup_steps", "disc_start", "max_pixels", "use_resolution"), values.non_negative_int),
     "seed": values.any_int,
     **dict.fromkeys(("learning_rate", "disc_learning_rate", "adaptive_weight_max", "ema_power"), values.positive_float),
     **dict.fromkeys(("max_minutes", "weight_decay", "max_grad_norm", "kl_weight", "lpips_weight", "sharpness_weight",
                      "disc_weight", "scale_equivariance_weight"), values.non_negative_float),
     **dict.fromkeys(("adam_beta1", "adam_beta2", "ema_decay"), _UNIT),
-    **dict.fromkeys(("logvar_min", "logvar_max"), _FINITE),
+    **dict.fromkeys(("logvar_min", "logvar_max", "fixed_logvar"), _FINITE),
 }
 
 

@@ -30,6 +30,7 @@ from latent_vae.models.residual import untrained_code_model
 from latent_vae.utils.atomic import atomic_write_text
 
 from .config import load_config
+from .posterior import measure_posterior
 from .train_vae import main as train
 
 # Colour photographs and textures in scikit-image's data folder (grayscale ones are made RGB).
@@ -64,12 +65,16 @@ def evaluate(model_dir: Path, holdout: Path, partner: Path, out: Path) -> dict:
     latent_values = encoded.latents[0].numel()
     bicubic = bicubic_equal_values(original, latent_values)
     side = equal_values_size(EVAL_SIZE, EVAL_SIZE, latent_values)[0]
+    # The posterior at the size of use: a latent dataset samples it on every read unless told otherwise.
+    posterior = measure_posterior(codec.vae, [original.to(codec.device, codec.dtype)], device=codec.device)
     results = {
         "holdout": holdout.name, "holdout_native_size": list(photo.size), "eval_size": EVAL_SIZE,
         "latent_shape": list(encoded.latents.shape[1:]), "latent_values": latent_values,
         "vae_psnr": psnr(original, reconstruction).item(), "vae_ssim": ssim(original, reconstruction).item(),
         "bicubic_side": side, "bicubic_psnr": psnr(original, bicubic).item(), "bicubic_ssim": ssim(original, bicubic).item(),
-        "encode_decode_seconds": seconds,
+        "encode_decode_seconds": seconds, "posterior_psnr_mean": posterior.psnr_mean,
+        "posterior_psnr_sample": posterior.psnr_sample, "posterior_logvar_max": posterior.logvar_max,
+        "posterior_noise_ratio": posterior.noise_ratio,
     }
     # Also at the photo's own size: enlarging it to 1024 makes it smooth, which flatters bicubic.
     native = pil_to_tensor(photo)[None]
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"  bicubic {results['bicubic_side']}x{results['bicubic_side']}x3 (same number of values) "
         f"PSNR {results['bicubic_psnr']:.2f} dB  SSIM {results['bicubic_ssim']:.3f}\n"
         f"{code_line}"
+        f"{posterior_line(results)}"
         f"at its own size {photo_size[0]}x{photo_size[1]}: VAE PSNR {results['native_vae_psnr']:.2f} dB  SSIM "
         f"{results['native_vae_ssim']:.3f}, bicubic PSNR {results['native_bicubic_psnr']:.2f} dB  SSIM "
         f"{results['native_bicubic_ssim']:.3f}{code_native}\n"
@@ -161,6 +167,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"interpolation.png; the model in {model_dir}"
     )
     return results
+
+
+def posterior_line(results: dict) -> str:
+    """The posterior at 1024: what a latent dataset's default read (a sample) decodes to, beside the mean."""
+    ratio = results["posterior_noise_ratio"]
+    noise = f"{ratio:.2g} times the latents' spread" if ratio is not None else "(no latent channel varies)"
+    return (f"  a posterior sample      PSNR {results['posterior_psnr_sample']:.2f} dB (the mean "
+            f"{results['posterior_psnr_mean']:.2f} dB): it lies {noise} from the mean (precompute's noise ratio), "
+            f"log-variance at most {results['posterior_logvar_max']:.1f}\n")
 
 
 def _last_step(output_dir: str) -> int:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from latent_vae import LatentCodec, calibrate, load_vae, save_vae
 from latent_vae.images.figures import error_map, image_grid, image_strip
-from latent_vae.images.metrics import psnr, ssim
+from latent_vae.images.metrics import ssim
 from latent_vae.images.reading import tensor_to_uint8
 from latent_vae.inspection.measures import equivariance_factors
 from latent_vae.models.presets import downsampling_factor
@@ -51,6 +51,7 @@ from .data import CropDataset, ImageSource, hold_out, train_loader, validation_c
 from .frozen_encoder import check_frozen_encoder, freeze_encoder
 from .losses import AutoencoderWithLoss, LossWeights, PatchDiscriminator
 from .lpips import LPIPS, LPIPSWeightsMissing
+from .posterior import hold_logvar, measure_posterior
 from .step import StepResult, TrainState, train_step
 
 # -- the run's state around the step ----------------------------------------------------------------
@@ -168,7 +169,7 @@ def build_models(config: TrainConfig, accelerator: Accelerator) -> tuple[TrainSt
         lpips = LPIPS.from_file(config.lpips_weights or None)  # fails now, with what to do, if weights are missing
     vae = load_vae(config.model, seed=config.seed).float().train()
     factor = downsampling_factor(vae.config.block_out_channels)
-    for name in ("resolution", "validation_resolution"):
+    for name in ("resolution", "validation_resolution", "use_resolution"):
         if getattr(config, name) % factor:
             raise ValueError(f"{name} must be a multiple of the model's downsampling factor {factor}, "
                              f"got {getattr(config, name)}")
@@ -186,6 +187,8 @@ def build_models(config: TrainConfig, accelerator: Accelerator) -> tuple[TrainSt
     model = AutoencoderWithLoss(vae, loss_weights(config), lpips)
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    if config.posterior_logvar == "fixed" and not config.freeze_encoder:  # (a frozen encoder keeps its posterior)
+        hold_logvar(vae, config.fixed_logvar, optimizer)
     # Not prepared by Accelerate, which would step it once per process per step; stepped once per optimiser step.
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=config.max_steps)
@@ -308,24 +311,58 @@ def out_of_time(run: Run, started: float) -> bool:
     return False
 
 
+# A posterior sample decoding this many dB below the posterior mean is noise a latent dataset would train on.
+SAMPLE_GAP_WARNING_DB = 1.0
+
+
+@dataclass
+class ValidationImages:
+    """The fixed images validation scores: crops as training sees them, and a few at the size of use."""
+
+    crops: torch.Tensor  # num_validation_images at validation_resolution
+    use: torch.Tensor | None  # num_use_images at use_resolution; None: use_resolution 0
+
+
+def validation_images(config: TrainConfig, source: ImageSource) -> ValidationImages:
+    crops = validation_crops(source, config.num_validation_images, config.validation_resolution, config.crop_policy)
+    use = None
+    if config.use_resolution:
+        use = validation_crops(source, config.num_use_images, config.use_resolution, config.crop_policy)
+    return ValidationImages(crops, use)
+
+
+def posterior_metrics(vae, images: torch.Tensor, prefix: str, accelerator: Accelerator,
+                      batch_size: int) -> dict[str, float]:
+    """PSNR of decode(posterior mean) and of decode(one sample, fixed noise), and the KL per latent value."""
+    with accelerator.autocast():
+        report = measure_posterior(vae, images.split(batch_size), device=accelerator.device)
+    return {f"{prefix}/psnr": report.psnr_mean, f"{prefix}/psnr_sample": report.psnr_sample,
+            f"{prefix}/kl_per_value": report.kl_per_value}
+
+
 @torch.no_grad()
-def validate(vae, ema: EMAModel | None, crops: torch.Tensor, accelerator: Accelerator, step: int, out_dir: Path,
+def validate(vae, ema: EMAModel | None, images: ValidationImages, accelerator: Accelerator, step: int, out_dir: Path,
              batch_size: int) -> dict[str, float]:
-    """Reconstruct the fixed validation crops with the weights that will be saved (the EMA's): PSNR, SSIM, a grid."""
+    """Score the weights that will be saved (the EMA's): reconstruction of the validation crops (PSNR, SSIM, a grid)
+    and the posterior (a sample beside the mean, the KL) on those crops and at the size of use."""
     if ema is not None:
         ema.store(vae.parameters())
         ema.copy_to(vae.parameters())
     vae.eval()
+    crops = images.crops
     reconstructions = []
     for chunk in crops.split(batch_size):
         with accelerator.autocast():
             posterior = vae.encode(chunk.to(accelerator.device)).latent_dist
             reconstructions.append(vae.decode(posterior.mode()).sample.float().clamp(-1, 1).cpu())
+    metrics = posterior_metrics(vae, crops, "val", accelerator, batch_size)
+    if images.use is not None:  # one image at a time: at the size of use a batch may not fit
+        metrics.update(posterior_metrics(vae, images.use, "val_use", accelerator, 1))
     vae.train()
     if ema is not None:
         ema.restore(vae.parameters())
     reconstruction = torch.cat(reconstructions)
-    metrics = {"val/psnr": psnr(crops, reconstruction).mean().item(), "val/ssim": ssim(crops, reconstruction).mean().item()}
+    metrics["val/ssim"] = ssim(crops, reconstruction).mean().item()  # (val/psnr: the posterior mean's, above)
     originals, recs = tensor_to_uint8(crops), tensor_to_uint8(reconstruction)
     rows = [image_strip([o, r, error_map(o, r)], ["original", "reconstruction", "error x4"]) for o, r in zip(originals, recs)]
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -333,12 +370,34 @@ def validate(vae, ema: EMAModel | None, crops: torch.Tensor, accelerator: Accele
     return metrics
 
 
-def report_validation(run: Run, crops: torch.Tensor, write=print) -> None:
-    """Validate (main process only), log the metrics and `write` them in one line."""
+def validation_lines(metrics: dict[str, float], config: TrainConfig, step: int) -> list[str]:
+    """The metrics in one line, and a warning line when a posterior sample decodes far below the mean."""
+    sizes = {"val": config.validation_resolution, "val_use": config.use_resolution}
+    parts = [f"val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}"]
+    gaps = []
+    for prefix, size in sizes.items():
+        if f"{prefix}/psnr_sample" not in metrics:
+            continue
+        mean, sample = metrics[f"{prefix}/psnr"], metrics[f"{prefix}/psnr_sample"]
+        parts.append(f"at {size} px: mean {mean:.2f} dB, sample {sample:.2f} dB, KL {metrics[f'{prefix}/kl_per_value']:.3g}"
+                     " per latent value")
+        if mean - sample > SAMPLE_GAP_WARNING_DB:
+            gaps.append(f"{mean - sample:.1f} dB at {size} px")
+    lines = [f"step {step}: " + "; ".join(parts)]
+    if gaps:
+        lines.append(f"warning: step {step}: a posterior sample decodes {' and '.join(gaps)} below the posterior mean: latents "
+                     "sampled from this model (a latent dataset's default read) would be mostly noise; train with "
+                     "posterior_logvar fixed (docs/training.md)")
+    return lines
+
+
+def report_validation(run: Run, images: ValidationImages, write=print) -> None:
+    """Validate (main process only), log the metrics and `write` them (a line, and a warning line if due)."""
     step = run.counters.step
-    metrics = validate(run.state.vae, run.ema, crops, run.accelerator, step, run.out_dir, run.config.batch_size)
+    metrics = validate(run.state.vae, run.ema, images, run.accelerator, step, run.out_dir, run.config.batch_size)
     run.accelerator.log(metrics, step=step)
-    write(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}")
+    for line in validation_lines(metrics, run.config, step):
+        write(line)
 
 
 # -- the finish -------------------------------------------------------------------------------------
@@ -365,14 +424,14 @@ def export_model(vae, ema: EMAModel | None, crops: list[torch.Tensor], out: Path
     return out
 
 
-def finish(run: Run, source: ImageSource, val_crops: torch.Tensor, encoder_before: str | None) -> Path:
+def finish(run: Run, source: ImageSource, val_images: ValidationImages, encoder_before: str | None) -> Path:
     """The last checkpoint, a last validation, and the exported model (OUTPUT_DIR/vae); returns its folder."""
     config, accelerator, counters = run.config, run.accelerator, run.counters
     if run.saved_step != counters.step:  # (a run resumed at its last step has nothing new to save)
         save(run)
     out = run.out_dir / "vae"
     if accelerator.is_main_process:
-        report_validation(run, val_crops)
+        report_validation(run, val_images)
         crops = calibration_crops(CropDataset(source, **crop_options(config)), config.calibration_images)
         export_model(run.state.vae, run.ema, crops, out, accelerator.device, config.batch_size,
                      recalibrate=not config.freeze_encoder)
@@ -406,8 +465,7 @@ def main(config: TrainConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     source, val_source, held_out = open_data(config, accelerator)
-    val_crops = validation_crops(val_source, config.num_validation_images, config.validation_resolution,
-                                 config.crop_policy)
+    val_images = validation_images(config, val_source)
     state, scheduler, encoder_before = build_models(config, accelerator)
     run = Run(config, state, scheduler, make_ema(config, state.vae), held_out)
     resume(run)
@@ -448,7 +506,7 @@ def main(config: TrainConfig) -> Path:
         progress.update(1)
         if config.validate_every and step % config.validate_every == 0 and step < config.max_steps:
             if accelerator.is_main_process:
-                report_validation(run, val_crops, write=progress.write)
+                report_validation(run, val_images, write=progress.write)
             accelerator.wait_for_everyone()
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
             save(run)
@@ -458,7 +516,7 @@ def main(config: TrainConfig) -> Path:
     del batches  # stops the DataLoader workers
 
     # -- finish: the last checkpoint and validation, the exported model
-    return finish(run, source, val_crops, encoder_before)
+    return finish(run, source, val_images, encoder_before)
 
 
 def run(argv: list[str] | None = None) -> None:
