@@ -60,26 +60,14 @@ class ObjectStore(DatasetStore):
     stages_data = False
 
     def __init__(self, url: str, storage_options: dict | None = None, *, single_writer: bool = False) -> None:
-        import fsspec
 
         self.url = url.rstrip("/")
         self.storage_options = store_options(self.url, storage_options)
-        self._fs, self._pid = file_system(self.url, self.storage_options)
-        self.root = self._fs._strip_protocol(self.url).rstrip("/")
-        self.protocol = _protocol(self._fs)
+        self.fs = ProcessFileSystem(self.url, self.storage_options)
+        self.root = self.fs._strip_protocol(self.url).rstrip("/")
+        self.protocol = _protocol(self.fs)
         self.single_writer = single_writer
         self.conditions = _conditions(self.protocol)
-
-    @property
-    def fs(self):
-        """The fsspec file system; a forked process (a DataLoader worker) makes its own: a client's event loop
-        and connections do not survive a fork."""
-        if self._pid != os.getpid():
-            self._fs, self._pid = file_system(self.url, self.storage_options)
-        return self._fs
-
-    def __reduce__(self):  # a spawned process gets the URL and options, and makes its own client
-        return (_reopen, (self.url, self.storage_options, self.single_writer))
 
     def full(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -197,21 +185,39 @@ class ObjectStore(DatasetStore):
         pass  # an object store has no folders: a key's prefix is made with it
 
 
-def file_system(url: str, storage_options: dict):
-    """(fsspec file system, this pid) for `url`; StorageError naming the extra to install when its package is missing."""
+class ProcessFileSystem:
+    """The fsspec file system of a URL, made again in each process that uses it: a client's event loop and
+    connections survive neither a fork (DataLoader workers) nor pickling (spawned processes, Ray tasks)."""
+
+    def __init__(self, url: str, storage_options: dict) -> None:
+        self.url, self.storage_options = url, storage_options
+        self._fs, self._pid = _file_system(url, storage_options), os.getpid()
+
+    def __getattr__(self, name: str) -> Any:
+        if self._pid != os.getpid():
+            self._fs, self._pid = _file_system(self.url, self.storage_options), os.getpid()
+        return getattr(self._fs, name)
+
+    def __reduce__(self):
+        return (ProcessFileSystem, (self.url, self.storage_options))
+
+
+def file_system(url: str, storage_options: dict | None = None) -> ProcessFileSystem:
+    """The file system of `url` with this module's defaults updated by `storage_options`."""
+    return ProcessFileSystem(url, store_options(url, storage_options))
+
+
+def _file_system(url: str, storage_options: dict):
+    """fsspec's file system for `url`; StorageError naming the extra to install when its package is missing."""
     import fsspec
 
     protocol = fsspec.core.split_protocol(url)[0]
     try:
-        return fsspec.core.url_to_fs(url, **storage_options)[0], os.getpid()
+        return fsspec.core.url_to_fs(url, **storage_options)[0]
     except ImportError as error:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol)
         hint = f"; pip install 'latent-vae[{extra}]'" if extra else ""
         raise StorageError(f"{url}: the {protocol}:// file system is not installed ({one_line(error)}){hint}") from None
-
-
-def _reopen(url: str, options: dict, single_writer: bool) -> ObjectStore:
-    return ObjectStore(url, options, single_writer=single_writer)
 
 
 def _timestamp(info: dict) -> float:
@@ -262,7 +268,9 @@ class _S3Conditions:
         try:
             store.fs.call_s3("put_object", Bucket=bucket, Key=path, Body=data, IfMatch=seen.version)
             return True
-        except (FileNotFoundError, OSError) as error:
+        except FileNotFoundError:  # removed meanwhile (released, or taken over and done)
+            return False
+        except OSError as error:
             if not _precondition_failed(error):
                 raise
             return _ours(store, key, data)
@@ -272,7 +280,9 @@ class _S3Conditions:
         try:
             store.fs.call_s3("delete_object", Bucket=bucket, Key=path, IfMatch=seen.version)
             return True
-        except (FileNotFoundError, OSError) as error:
+        except FileNotFoundError:
+            return False
+        except OSError as error:
             if _precondition_failed(error):
                 return False
             raise
@@ -299,7 +309,9 @@ class _GCSConditions:
         try:
             store.fs.call("DELETE", "b/{}/o/{}", bucket, path, ifGenerationMatch=seen.version)
             return True
-        except (FileNotFoundError, OSError) as error:
+        except FileNotFoundError:
+            return False
+        except OSError as error:
             if _precondition_failed(error):
                 return False
             raise
@@ -369,14 +381,14 @@ def describe_storage_error(error: BaseException) -> str | None:
     """One line for a store's refusal (what to do included), or None for an error that is not one."""
     names = {type(e).__name__ for e in (error, error.__cause__, error.__context__) if e is not None}
     text = str(error)
-    if "NoCredentialsError" in names or "credentials" in text.lower() and "unable to locate" in text.lower():
+    if "NoCredentialsError" in names or "unable to locate credentials" in text.lower():
         return ("no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
                 "~/.aws/credentials; GOOGLE_APPLICATION_CREDENTIALS for gs://; or pass --storage-options)")
-    if "EndpointConnectionError" in names or "ClientConnectorError" in names or isinstance(error, ConnectionError):
-        return f"cannot reach the store ({text.splitlines()[0] if text else type(error).__name__}; " \
-               "check AWS_ENDPOINT_URL / the endpoint in --storage-options)"
-    if isinstance(error, PermissionError):
-        return f"access denied ({text or 'permission'}): the credentials may not read or write here"
-    if isinstance(error, FileNotFoundError) and ("bucket" in text.lower()):
-        return f"no such bucket ({text})"
+    if names & {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError"} or \
+            isinstance(error, ConnectionError):
+        return f"cannot reach the store ({one_line(error)}); check AWS_ENDPOINT_URL or the endpoint in --storage-options"
+    if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return "access denied: the credentials may not read or write here (check their permissions on the bucket)"
+    if isinstance(error, FileNotFoundError) and "bucket" in text.lower():
+        return "no such bucket (create it, or check its name and the endpoint)"
     return None

@@ -37,7 +37,7 @@ import torch
 from ..codec.posterior import PosteriorStats, warn_if_noisy
 from ..images.reading import load_image
 from ..utils.dtypes import dtype_name
-from ..utils.errors import ImageError, printable
+from ..utils.errors import ImageError, StorageError, printable, storage_failure
 from ..utils.option_values import resolve_device
 from . import format as fmt
 from .claims import HOST, ClaimBeat, Claims, Heartbeat, Owner
@@ -53,7 +53,7 @@ from .encoding import (
 from .metadata import BAD_METADATA, MetadataError, MetadataFitter
 from .options import PrecomputeOptions
 from .sources import Sample, Source, open_source
-from .storage import DatasetStore, manifest_key, open_store
+from .storage import DatasetStore, manifest_key, open_store, store_errors
 from .verify import count_dataset, verify_latents
 from .writer import ShardWriter, clean_staging, commit_shard, output_features, remove_orphans, shard_state
 
@@ -333,7 +333,10 @@ class _Run:
             self.written.clear()
             for name, shard in self.open.items():
                 shard.writer.abort()
-                self.claims.release(name)
+                try:
+                    self.claims.release(name)
+                except store_errors():
+                    pass  # the store is failing: the claim goes stale, and is taken over, without this run
             self.open.clear()
             self.groups.clear()
 
@@ -475,7 +478,10 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     run = _Run(codec, source, out, opts, bucket_list, order, output_features(source.passthrough, opts.flip),
                progress)
     start = time.perf_counter()
-    run.run(workers)
+    try:
+        run.run(workers)
+    except store_errors() as error:  # the store failed past its retries: what is committed stays
+        raise StorageError(storage_failure(out.where(), error)) from error
     seconds = time.perf_counter() - start
     progress.close()
 

@@ -27,6 +27,11 @@ class StorageError(ValueError):
     permission, a full disk, a store's fault past its retries); the message names the place and what to do."""
 
 
+class StorageFault(RuntimeError):
+    """An object store's fault (throttling, 5xx, a dropped connection) that outlasted the retries while reading an
+    input: the shard in flight is abandoned, never recorded as failed, so that a rerun reads it again."""
+
+
 class ImageError(ValueError):
     """An input that is not a usable image; the message names it and says why."""
 
