@@ -130,11 +130,12 @@ def test_a_takeover_race_on_one_stale_claim_has_one_winner(server):
     server.make_bucket("claims-race")
     store = open_store("s3://claims-race/lat", options(server.endpoint))
     dead = json.dumps({"host": "node-gone", "pid": 1, "started": "1", "run_id": "dead"}).encode()
-    for round_ in range(3):
+    for round_ in range(2):
         name = f"{round_:05d}"
         assert store.publish(f"claims/{name}.claim", dead)
-        time.sleep(1.1)  # the store's clock counts whole seconds: older than the 0.5 s timeout
-        contenders = [Claims(store, Owner("host", 100 + i, None, f"run-{i}"), timeout=0.5) for i in range(6)]
+        # The store's clock counts whole seconds: a timeout of 2 s tells the winner's fresh claim from a stale one.
+        time.sleep(3.1)
+        contenders = [Claims(store, Owner("host", 100 + i, None, f"run-{i}"), timeout=2.0) for i in range(6)]
         won, start = [], threading.Barrier(len(contenders))
 
         def contend(claims: Claims) -> None:
