@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from cli_harness import run_cli
-from object_store_helpers import DUMMY_CREDENTIALS, FaultProxy, S3Server, wait_for
 from test_precompute_scale import img2dataset_shards, jpeg, write_tar
 
+from benchmarks.local_s3 import DUMMY_CREDENTIALS, FaultProxy, S3Server, wait_for
 from latent_vae import build_vae, save_vae
 from latent_vae.latents.claims import Claims, Owner
 from latent_vae.latents.format import read_failures, read_manifests
@@ -136,20 +136,21 @@ def test_a_takeover_race_on_one_stale_claim_has_one_winner(server):
         # The store's clock counts whole seconds: a timeout of 2 s tells the winner's fresh claim from a stale one.
         time.sleep(3.1)
         contenders = [Claims(store, Owner("host", 100 + i, None, f"run-{i}"), timeout=2.0) for i in range(6)]
-        won, start = [], threading.Barrier(len(contenders))
-
-        def contend(claims: Claims) -> None:
-            start.wait()
-            if claims.try_claim(name):
-                won.append(claims.owner.run_id)
-
-        threads = [threading.Thread(target=contend, args=(c,)) for c in contenders]
+        won: list[str] = []
+        start = threading.Barrier(len(contenders))
+        threads = [threading.Thread(target=contend, args=(c, name, start, won)) for c in contenders]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         holder = json.loads(store.read_bytes(f"claims/{name}.claim"))["run_id"]
         assert won == [holder]
+
+
+def contend(claims: Claims, name: str, start: threading.Barrier, won: list[str]) -> None:
+    start.wait()
+    if claims.try_claim(name):
+        won.append(claims.owner.run_id)
 
 
 def test_a_heartbeat_keeps_a_claim_and_a_taken_over_claim_stops_beating(server):
@@ -187,7 +188,7 @@ def test_two_concurrent_runs_and_a_killed_one_write_every_key_once(server, shard
             for _ in range(2)]
     results = [run.communicate(timeout=400) for run in runs]
     assert [run.returncode for run in runs] == [1, 1], results  # 1: the broken image, named
-    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1 and "13 latents (0 this run)" in rerun.stdout, rerun.stderr
     storage = options(server.endpoint)
     assert Counter(stored_keys(url, storage)) == Counter(shards)
@@ -242,8 +243,8 @@ def test_a_fault_past_the_retries_fails_the_shard_in_flight_and_the_same_command
 
 
 def test_a_missing_bucket_is_one_line_naming_the_url(server, shards, model_dir):
-    code, out, err = run_cli("precompute", "--model", model_dir, "--data", "s3://photos/shards/*.tar",
-                             "--out", "s3://no-such-bucket/lat", "--storage-options",
+    code, _, err = run_cli("precompute", "--model", model_dir, "--data", "s3://photos/shards/*.tar",
+                           "--out", "s3://no-such-bucket/lat", "--storage-options",
                              json.dumps(options(server.endpoint)))
     assert code == 2 and err.strip() == ("latent-vae precompute: error: s3://no-such-bucket/lat: no such bucket "
                                          "(create it, or check its name and the endpoint)"), err
@@ -256,8 +257,8 @@ def test_missing_credentials_and_a_denied_permission_are_one_line(server, shards
     env = {k: v for k, v in environment(server.endpoint).items() if not k.startswith("AWS_")}
     env.update(AWS_ENDPOINT_URL=server.endpoint, AWS_EC2_METADATA_DISABLED="true",
                AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
-    done = subprocess.run([sys.executable, *command(model_dir, "s3://photos/lat-nocreds")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, *command(model_dir, "s3://photos/lat-nocreds")], check=False,
+                          env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "s3://photos/lat-nocreds: no credentials found" in done.stderr
 

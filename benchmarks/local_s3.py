@@ -1,4 +1,5 @@
-"""A local S3-protocol server for the tests (moto's, as s3fs's own tests use) and a fault-injecting proxy.
+"""A local S3-protocol server (moto's, as s3fs's own tests use) and a fault-injecting proxy, for the tests and
+`benchmarks.object_store`.
 
 Both listen on the loopback interface only, on free ports; the server holds its buckets in memory. Credentials are
 dummies: nothing here reaches a network.
@@ -41,8 +42,7 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, **{
-            "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"})
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
 
     def make_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
