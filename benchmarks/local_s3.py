@@ -7,12 +7,15 @@ dummies: nothing here reaches a network.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}
@@ -25,16 +28,34 @@ def free_port() -> int:
 
 
 class S3Server:
-    """moto's S3 server in a thread of this process: `endpoint` is its URL; `environment()` the variables that
-    point boto, s3fs and child processes at it."""
+    """moto's S3 server: `endpoint` is its URL; `environment()` the variables that point boto, s3fs and child
+    processes at it. In a thread of this process by default; `separate_process` runs it in a process of its own,
+    which a process that forks (DataLoader workers) needs: a fork copies the server's threads' locks, not them."""
 
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
+    def __init__(self, separate_process: bool = False) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._process = self._server = None
+        if separate_process:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if not wait_for(self._listening, timeout=60):
+                self.stop()
+                raise RuntimeError(f"moto's server did not start on port {self.port}")
+            return
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request on stderr
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
 
     def environment(self, endpoint: str | None = None) -> dict[str, str]:
         return {**DUMMY_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint or self.endpoint}
@@ -63,7 +84,11 @@ class S3Server:
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
     def stop(self) -> None:
-        self._server.stop()
+        if self._server is not None:
+            self._server.stop()
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
 
 
 @dataclass
@@ -72,7 +97,6 @@ class FaultCounts:
     resets: int = 0
     slowdowns: int = 0
     lost_answers: int = 0
-    log: list[str] = field(default_factory=list)
 
 
 class FaultProxy:

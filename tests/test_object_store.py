@@ -31,6 +31,8 @@ from latent_vae.utils.errors import StorageError, storage_failure
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
+# The tiny fresh model's posterior is noise, which precompute says; not the subject here.
+pytestmark = pytest.mark.filterwarnings("ignore::latent_vae.utils.errors.PosteriorNoiseWarning")
 
 RES = 32
 FAST = {"num_workers": 0, "batch_size": 3, "progress": False, "dtype": "fp32", "resolution": RES}
@@ -337,3 +339,34 @@ def test_repeated_keys_in_a_shard_are_named_when_renamed(model_dir, tmp_path, ca
     assert summary.rows == 5
     lines = [line for line in capfd.readouterr().err.splitlines() if "repeated" in line]
     assert lines == ["latent-vae: 00000: 3 repeated key(s) in the shard, stored as KEY#n: a#2, b#2, a#3"]
+
+
+def test_parquet_shards_and_an_image_folder_stream_from_the_bucket(server, model_dir, tmp_path):
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    server.make_bucket("mixed")
+    client = server.client()
+    for shard in range(2):
+        table = pa.table({"key": [f"p{shard}-{i}" for i in range(3)], "jpg": [jpeg(shard * 10 + i) for i in range(3)],
+                          "caption": [f"c{i}" for i in range(3)]})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        client.put_object(Bucket="mixed", Key=f"parquet/{shard:05d}.parquet", Body=buffer.getvalue())
+    for i in range(3):
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(jpeg(i))).save(buffer, "PNG")
+        client.put_object(Bucket="mixed", Key=f"folder/sub/{i}.png", Body=buffer.getvalue())
+        client.put_object(Bucket="mixed", Key=f"folder/sub/{i}.txt", Body=f"caption {i}".encode())
+    storage = options(server.endpoint)
+    summary = precompute_latents(str(model_dir), "s3://mixed/parquet/*.parquet", "s3://mixed/out-parquet",
+                                 storage_options=storage, **FAST)
+    assert summary.complete and summary.rows == 6
+    assert sorted(stored_keys("s3://mixed/out-parquet", storage)) == sorted(f"p{s}-{i}" for s in range(2) for i in range(3))
+    summary = precompute_latents(str(model_dir), "s3://mixed/folder", tmp_path / "out-folder", storage_options=storage,
+                                 **FAST)
+    assert summary.complete and summary.rows == 3
+    captions = sorted(item["text"] for item in load_latents(tmp_path / "out-folder", sample=False))
+    assert captions == ["caption 0", "caption 1", "caption 2"]
