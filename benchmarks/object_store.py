@@ -1,10 +1,11 @@
 """Precompute into and out of an S3-protocol server against the local disk, in one run: the protocol's cost.
 
-Three runs of `precompute_latents` on the same img2dataset-style tar shards, one process each, in this order:
+Runs of `precompute_latents` on the same img2dataset-style tar shards, one process each, interleaved:
 
 - `local disk`: shards read from a folder, the latent dataset written to a folder (hard links and renames);
-- `S3 -> S3`: shards streamed from a bucket of a local S3 server (moto's, a process on the loopback interface), the dataset
-  written to the same bucket (`If-None-Match` claims and manifests, data written in place, `If-Match` heartbeats);
+- `S3 -> S3`: shards streamed from a bucket of a local S3 server (moto's, a process on the loopback interface),
+  the dataset written to the same bucket (`If-None-Match` claims and manifests, data written in place,
+  `If-Match` heartbeats);
 - `S3 -> S3, faults`: the same through a proxy that answers 503 SlowDown, resets connections, and loses answers to
   requests that took effect, for a share of the requests (`--fault-share`), retried by the clients.
 
@@ -101,7 +102,8 @@ def main() -> None:
         notes = (f"{args.shards} tar shards of {args.per_shard} {args.size}-px JPEGs, `{args.model}`, one process with "
                  f"{args.workers} DataLoader worker(s), batch {args.batch_size}, CPU; the fastest of {args.repeats} "
                  "interleaved runs of each, after a warm-up run. The S3 server is moto's, in "
-                 f"a process of its own, on the loopback interface. Faults injected by the proxy: {faults.slowdowns} 503 "
+                 "a process of its own, on the loopback interface. Faults injected by the proxy: "
+                 f"{faults.slowdowns} 503 "
                  f"SlowDown, {faults.resets} connection resets, {faults.lost_answers} lost answers in "
                  f"{faults.requests} requests (all its runs), all retried. Command: "
                  f"`{' '.join(['python -m benchmarks.object_store', *sys.argv[1:]])}`.")

@@ -364,7 +364,8 @@ def test_parquet_shards_and_an_image_folder_stream_from_the_bucket(server, model
     summary = precompute_latents(str(model_dir), "s3://mixed/parquet/*.parquet", "s3://mixed/out-parquet",
                                  storage_options=storage, **FAST)
     assert summary.complete and summary.rows == 6
-    assert sorted(stored_keys("s3://mixed/out-parquet", storage)) == sorted(f"p{s}-{i}" for s in range(2) for i in range(3))
+    expected = sorted(f"p{shard}-{i}" for shard in range(2) for i in range(3))
+    assert sorted(stored_keys("s3://mixed/out-parquet", storage)) == expected
     summary = precompute_latents(str(model_dir), "s3://mixed/folder", tmp_path / "out-folder", storage_options=storage,
                                  **FAST)
     assert summary.complete and summary.rows == 3

@@ -50,7 +50,8 @@ def store_options(url: str, options: dict | None) -> dict:
 def _merged(protocol: str, options: dict | None) -> dict:
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULT_OPTIONS.get(protocol, {}).items()}
     for key, value in (options or {}).items():
-        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if nested else value
     return merged
 
 
@@ -60,7 +61,6 @@ class ObjectStore(DatasetStore):
     stages_data = False
 
     def __init__(self, url: str, storage_options: dict | None = None, *, single_writer: bool = False) -> None:
-
         self.url = url.rstrip("/")
         self.storage_options = store_options(self.url, storage_options)
         self.fs = ProcessFileSystem(self.url, self.storage_options)
@@ -386,7 +386,8 @@ def describe_storage_error(error: BaseException) -> str | None:
                 "~/.aws/credentials; GOOGLE_APPLICATION_CREDENTIALS for gs://; or pass --storage-options)")
     if names & {"EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError"} or \
             isinstance(error, ConnectionError):
-        return f"cannot reach the store ({one_line(error)}); check AWS_ENDPOINT_URL or the endpoint in --storage-options"
+        return (f"cannot reach the store ({one_line(error)}); check AWS_ENDPOINT_URL or the endpoint in "
+                "--storage-options")
     if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return "access denied: the credentials may not read or write here (check their permissions on the bucket)"
     if isinstance(error, FileNotFoundError) and "bucket" in text.lower():

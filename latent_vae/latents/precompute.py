@@ -53,7 +53,18 @@ from .encoding import (
 from .metadata import BAD_METADATA, MetadataError, MetadataFitter
 from .options import PrecomputeOptions
 from .sources import Sample, Source, open_source
-from .storage import DatasetStore, manifest_key, open_store, store_errors
+from .storage import (
+    CLAIM_DIR,
+    CLAIM_SUFFIX,
+    DATA_DIR,
+    DATA_SUFFIX,
+    MANIFEST_DIR,
+    DatasetStore,
+    manifest_key,
+    open_store,
+    shard_of_data_file,
+    store_errors,
+)
 from .verify import count_dataset, verify_latents
 from .writer import ShardWriter, clean_staging, commit_shard, output_features, remove_orphans, shard_state
 
@@ -297,15 +308,17 @@ class _Run:
     def run(self, workers: int) -> None:
         names = [s.name for s in self.source.shards]
         poll = min(2.0, max(0.2, self.options.claim_timeout / 20))
-        left = [i for i in self.order if shard_state(self.out, names[i]) != "complete"]
+        left = unfinished(self.out, names, self.order)
         try:
             while left:
-                free = [i for i in left if not self.claims.held(names[i])]
+                # One listing, then a read of each claimed shard's claim (not a request for every shard left).
+                claimed = {f.removesuffix(CLAIM_SUFFIX) for f in self.out.list(CLAIM_DIR, CLAIM_SUFFIX)}
+                free = [i for i in left if names[i] not in claimed or not self.claims.held(names[i])]
                 if free:
                     self._pass(free, workers)
                 else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale
                     time.sleep(poll)
-                left = [i for i in left if shard_state(self.out, names[i]) != "complete"]
+                left = unfinished(self.out, names, left)
         finally:
             self.writer_thread.shutdown()
         self.claims.clear_stale()
@@ -410,6 +423,18 @@ class _Run:
         self.claims.release(name)
 
 
+def unfinished(store: DatasetStore, names: list[str], indices: list[int]) -> list[int]:
+    """The indices of the shards not complete, in order. Listings narrow it down: a shard with no manifest listed
+    is not done; on an object store (a request per shard would take hours for 100k shards) a shard with a listed
+    manifest and a listed data file counts as done. A listing that lags only sends a worker to a shard that it
+    then finds complete (it checks each shard by name before and after claiming it)."""
+    listed = {f.removesuffix(".json") for f in store.list(MANIFEST_DIR, ".json")}
+    if store.stages_data:  # a local folder: each listed shard checked (and a commit cut short finished)
+        return [i for i in indices if names[i] not in listed or shard_state(store, names[i]) != "complete"]
+    with_data = {shard_of_data_file(f) for f in store.list(DATA_DIR, DATA_SUFFIX)}
+    return [i for i in indices if names[i] not in listed or names[i] not in with_data]
+
+
 def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: PrecomputeOptions | None = None, *,
                        storage_options: dict | None = None, single_writer: bool = False,
                        **overrides: Any) -> PrecomputeSummary:
@@ -470,7 +495,7 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     if state.num_processes > 1:  # ranks start claiming together: one that loads its model first takes no one's share
         state.wait_for_everyone()
     names = info.input_shards
-    done_before = sum(shard_state(out, n) == "complete" for n in names)
+    done_before = len(names) - len(unfinished(out, names, list(range(len(names)))))
     order = shard_order(len(names), state.process_index, state.num_processes)
     workers = opts.num_workers if opts.num_workers is not None else _default_workers()
     progress = tqdm(unit="img", desc="precompute", dynamic_ncols=True,

@@ -97,8 +97,9 @@ def _open_input(path: str, fs) -> Any:
     read in blocks of STREAM_BLOCK, so a shard never lands on the local disk."""
     if fs is None:
         return path
-    with _faults(fs.unstrip_protocol(path)):
-        return _RemoteInput(fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead"), fs.unstrip_protocol(path))
+    url = fs.unstrip_protocol(path)
+    with _faults(url):
+        return _RemoteInput(fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead"), url)
 
 
 class _RemoteInput(io.RawIOBase):
@@ -318,7 +319,8 @@ def _remote_source(data, image_column, key_column, caption_column, shard_size, r
             elif fs.isdir(path):
                 entries = [p for p in sorted(fs.find(path)) if not _hidden(PurePosixPath(p), PurePosixPath(path))]
                 if not any(PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES for p in entries):
-                    files += [p for p in entries if p.endswith(TAR_SUFFIXES) or PurePosixPath(p).suffix in TABLE_SUFFIXES]
+                    files += [p for p in entries
+                              if p.endswith(TAR_SUFFIXES) or PurePosixPath(p).suffix in TABLE_SUFFIXES]
                 else:
                     return _folder_source(PurePosixPath(path), caption_column, shard_size, reserved, fs, url)
             else:

@@ -292,7 +292,8 @@ class LocalStore(DatasetStore):
 
     def dead_leftovers(self, folder: str) -> list[str]:
         # Only this host's dead processes' files can be told from a live writer's (their names hold host and pid).
-        return [f"{folder}/{file.name}" for file in sorted(self.path(folder).glob(".*.tmp")) if left_by_dead_process(file)]
+        files = sorted(self.path(folder).glob(".*.tmp"))
+        return [f"{folder}/{file.name}" for file in files if left_by_dead_process(file)]
 
 
 @cache

@@ -24,7 +24,16 @@ from .format import (
     TARGET_SIZE,
     Manifest,
 )
-from .storage import DATA_DIR, DATA_SUFFIX, STAGING_DIR, DatasetStore, data_key, manifest_key, store_errors
+from .storage import (
+    DATA_DIR,
+    DATA_SUFFIX,
+    STAGING_DIR,
+    DatasetStore,
+    data_key,
+    manifest_key,
+    shard_of_data_file,
+    store_errors,
+)
 
 
 def output_features(passthrough, flip: bool):
@@ -200,7 +209,7 @@ def remove_orphans(store: DatasetStore, committed: dict[str, str]) -> list[str]:
         return []
     removed = []
     for file in store.list(DATA_DIR, DATA_SUFFIX):
-        shard = file.split(".", 1)[0]
+        shard = shard_of_data_file(file)
         if shard in committed and committed[shard] != file:
             store.remove(data_key(file))
             removed.append(file)
