@@ -14,5 +14,8 @@ One module per subject, from the disk up:
     claims      which process works on which shard (claim records with heartbeats)
     options     `PrecomputeOptions`, one field per `latent-vae precompute` flag
     encoding    preprocessing and the pure per-batch function (images -> rows)
-    precompute  the run: workers read and decode, the main process encodes, a writer thread commits
+    run         what a precompute run is, whatever its engine: its start, one shard's claim, items and commit,
+                its summary
+    precompute  `precompute_latents` and the local engine: workers read and decode, the main process encodes,
+                a writer thread commits
 """
