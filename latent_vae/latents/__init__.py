@@ -18,4 +18,5 @@ One module per subject, from the disk up:
                 its summary
     precompute  `precompute_latents` and the local engine: workers read and decode, the main process encodes,
                 a writer thread commits
+    ray_engine  the Ray engine: a Ray Data pipeline (read and decode tasks, encoder actors), the same dataset
 """

@@ -15,6 +15,8 @@ How the run is organised, and why:
   killed anywhere loses only the shards it had in flight (about one per DataLoader worker).
 - A claim whose owner stopped heartbeating (or, on the same host, whose process is gone) is stale and is
   taken over, so a run waits for shards that another live process holds, and finishes those of the dead.
+- `engine="ray"` runs the same shards through a Ray Data pipeline instead (`latent_vae.latents.ray_engine`); what a
+  run is whatever its engine (claims, items, commits, the summary) is `latent_vae.latents.run`.
 """
 
 from __future__ import annotations
@@ -314,7 +316,9 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         single_writer: allow an `out` store without atomic conditional writes, promising that no other run
             writes into it at the same time.
 
-    Under `torchrun` / `accelerate launch` every process, on every node, takes its share of the shards.
+    Under `torchrun` / `accelerate launch` every process, on every node, takes its share of the shards. With
+    `engine="ray"` one driver runs a Ray Data pipeline on a Ray cluster instead (`ray_address`, `encoders`,
+    `gpus_per_encoder`, `decoders`): the same dataset.
     Returns when every shard of the dataset is complete (waiting for shards other live processes hold).
     """
     from accelerate import PartialState
@@ -323,6 +327,10 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     opts = _options(options, overrides)
     out = open_store(out, storage_options, single_writer=single_writer)
     out.check(write=True)  # a missing bucket, credentials or permission: one line before any work
+    if opts.engine == "ray":
+        from .ray_engine import precompute_on_ray  # Ray is an optional extra: imported when asked for
+
+        return precompute_on_ray(model, data, out, opts, storage_options)
     wanted = resolve_device(opts.device) if opts.device not in (None, "auto") else None
     state = PartialState(cpu=wanted is not None and wanted.type == "cpu")
     device = wanted or state.device
