@@ -51,12 +51,13 @@ from .run import (
     open_output,
     open_shard,
     prepare_sample,
+    unclaimed,
     unfinished,
     unique_keys,
     unreadable_shard,
 )
 from .sources import Source
-from .storage import CLAIM_DIR, CLAIM_SUFFIX, DatasetStore, open_store, store_errors
+from .storage import DatasetStore, open_store, store_errors
 from .writer import output_features
 
 # Batches the writer thread may lag behind the encoder (each holds a batch of latents in host memory).
@@ -192,9 +193,7 @@ class _Run:
         left = unfinished(self.out, names, self.order)
         try:
             while left:
-                # One listing, then a read of each claimed shard's claim (not a request for every shard left).
-                claimed = {f.removesuffix(CLAIM_SUFFIX) for f in self.out.list(CLAIM_DIR, CLAIM_SUFFIX)}
-                free = [i for i in left if names[i] not in claimed or not self.claims.held(names[i])]
+                free = unclaimed(self.out, self.claims, names, left)
                 if free:
                     self._pass(free, workers)
                 else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale

@@ -55,12 +55,14 @@ from .run import (
     open_output,
     open_shard,
     prepare_sample,
+    unclaimed,
+    unfinished,
     unique_keys,
     unreadable_shard,
 )
 from .sources import Source
 from .storage import DatasetStore, store_errors
-from .writer import output_features, shard_state
+from .writer import output_features
 
 RAY_MISSING = "--engine ray needs Ray Data: pip install 'latent-vae[ray]'"
 
@@ -191,14 +193,14 @@ class _Driver:
         """Passes over the shards until every one is complete (waiting for those that other live processes hold)."""
         names = [s.name for s in self.source.shards]
         poll = min(2.0, max(0.2, self.options.claim_timeout / 20))
-        left = [i for i, name in enumerate(names) if shard_state(self.out, name) != "complete"]
+        left = unfinished(self.out, names, list(range(len(names))))
         while left:
-            free = [i for i in left if not self.claims.held(names[i])]
+            free = unclaimed(self.out, self.claims, names, left)
             if free:
                 self._pass(free)
-            else:
+            else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale
                 time.sleep(poll)
-            left = [i for i in left if shard_state(self.out, names[i]) != "complete"]
+            left = unfinished(self.out, names, left)
         self.claims.clear_stale()
 
     def _pass(self, order: list[int]) -> None:
@@ -347,7 +349,7 @@ def precompute_on_ray(model: Any, data: Any, out: DatasetStore, options: Precomp
     codec, model_source = make_codec(model, options, torch.device("cpu"))  # latents.json's facts, on the driver
     buckets = open_output(codec, model_source, source, out, options)
     names = [s.name for s in source.shards]
-    done_before = sum(shard_state(out, n) == "complete" for n in names)
+    done_before = len(names) - len(unfinished(out, names, list(range(len(names)))))
 
     started = not ray.is_initialized()
     if started:

@@ -26,7 +26,16 @@ from .encoding import SkipImage, failure_reason, make_buckets, prepare_image
 from .metadata import BAD_METADATA, MetadataError, MetadataFitter
 from .options import PrecomputeOptions
 from .sources import Sample, Source, open_source
-from .storage import DATA_DIR, DATA_SUFFIX, MANIFEST_DIR, DatasetStore, manifest_key, shard_of_data_file
+from .storage import (
+    CLAIM_DIR,
+    CLAIM_SUFFIX,
+    DATA_DIR,
+    DATA_SUFFIX,
+    MANIFEST_DIR,
+    DatasetStore,
+    manifest_key,
+    shard_of_data_file,
+)
 from .verify import count_dataset, verify_latents
 from .writer import ShardWriter, clean_staging, commit_shard, remove_orphans, shard_state
 
@@ -59,6 +68,13 @@ def unfinished(store: DatasetStore, names: list[str], indices: list[int]) -> lis
         return [i for i in indices if names[i] not in listed or shard_state(store, names[i]) != "complete"]
     with_data = {shard_of_data_file(f) for f in store.list(DATA_DIR, DATA_SUFFIX)}
     return [i for i in indices if names[i] not in listed or names[i] not in with_data]
+
+
+def unclaimed(store: DatasetStore, claims: Claims, names: list[str], indices: list[int]) -> list[int]:
+    """The indices of the shards no live process holds: one listing of claims/, then a read of each listed claim
+    (not a request for every shard left)."""
+    listed = {f.removesuffix(CLAIM_SUFFIX) for f in store.list(CLAIM_DIR, CLAIM_SUFFIX)}
+    return [i for i in indices if names[i] not in listed or not claims.held(names[i])]
 
 
 def unique_keys(samples: Iterator[Sample], shard: str = "") -> Iterator[Sample]:
