@@ -1,5 +1,6 @@
 """The Ray engine on a local Ray cluster (2 CPUs, CPU encoders): the local engine's dataset, exactly once through a
-SIGKILLed driver, a killed encoder actor and a second job into one --out, and a broken image as one failure row."""
+SIGKILLed driver, a killed encoder actor and a second job into one --out, a broken image as one failure row, and
+bucket to bucket on a local S3 server."""
 
 from __future__ import annotations
 
@@ -204,3 +205,29 @@ def test_without_ray_the_engine_says_how_to_install_it_in_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ValueError, match=r"^--engine ray needs Ray Data: pip install 'latent-vae\[ray\]'$"):
         engine.import_ray()
+
+
+def test_bucket_to_bucket_on_ray_gives_every_key_once(cluster, inputs, tmp_path):
+    """tar shards in an S3 bucket (moto's server on localhost) to latents in the bucket: the readers stream the
+    shards from the store, the driver commits through it. Credentials travel in the storage options, since Ray's
+    workers do not see this process's environment."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from benchmarks.local_s3 import S3Server
+
+    model, tars, keys = inputs
+    server = S3Server()
+    try:
+        server.make_bucket("photos")
+        server.upload(tars, "photos", "shards")
+        storage = {"endpoint_url": server.endpoint, "key": "testing", "secret": "testing",
+                   "client_kwargs": {"region_name": "us-east-1"}}
+        summary = precompute_latents(str(model), "s3://photos/shards/*.tar", "s3://photos/lat", engine="ray",
+                                     storage_options=storage, **OPTIONS)
+        assert summary.complete and summary.rows == len(keys) and summary.failures == 1, summary.line()
+        report = verify_latents("s3://photos/lat", storage_options=storage)
+        assert report.ok and report.rows == len(keys), report.problems
+        streamed = load_latents("s3://photos/lat", storage_options=storage, streaming=True, sample=False)
+        assert sorted(item["key"] for item in streamed) == sorted(keys)
+    finally:
+        server.stop()
