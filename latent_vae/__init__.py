@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_image": "images.reading",
     "BucketBatchSampler": "latents.readers", "collate_latents": "latents.readers", "load_latents": "latents.readers",
     "LatentInfo": "latents.format", "read_failures": "latents.format", "verify_latents": "latents.verify",
-    "PrecomputeOptions": "latents.options", "PrecomputeSummary": "latents.precompute",
+    "PrecomputeOptions": "latents.options", "PrecomputeSummary": "latents.run",
     "precompute_latents": "latents.precompute",
     "build_vae": "models.loading", "load_vae": "models.loading", "model_fingerprint": "models.loading",
     "save_single_file": "models.loading", "save_vae": "models.loading",

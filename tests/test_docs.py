@@ -185,6 +185,7 @@ def _pages_with_python() -> list:
 def test_documented_python_runs(page, tmp_path, monkeypatch, fresh_accelerator):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # a local Ray (the Ray engine's example) stays offline too
     monkeypatch.syspath_prepend(str(REPO))
     namespace: dict = {"__name__": "__docs__"}
     ran = skipped = 0

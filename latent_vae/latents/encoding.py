@@ -4,6 +4,7 @@ aspect-ratio bucket) with SDXL's size conditioning; prepared images -> the rows 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,6 +81,25 @@ def prepare_image(image: Image.Image, options: PrecomputeOptions,
     pixels = resize_crop(image, crop)
     return PreparedImage(torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1), [height, width],
                          list(crop.top_left), list(target))
+
+
+def make_codec(model, options: PrecomputeOptions, device: torch.device):
+    """(codec, model source) of a run: `model` is a preset name, model folder or .safetensors file, an AutoencoderKL,
+    or a LatentCodec (used as configured by the caller: device, dtype, tiling)."""
+    from diffusers import AutoencoderKL
+
+    from ..codec.latent_codec import LatentCodec
+    from ..models.loading import load_vae
+
+    per_call = options.batch_size * (2 if options.flip else 1)
+    if isinstance(model, LatentCodec):
+        return model, None
+    vae = model if isinstance(model, AutoencoderKL) else load_vae(model)
+    source = str(model) if isinstance(model, (str, os.PathLike)) else None
+    codec = LatentCodec(vae, device=device, dtype=options.encode_dtype, max_batch_size=per_call,
+                        max_memory=options.max_memory, tile_size=options.tile_size,
+                        channels_last=options.channels_last)
+    return codec, source
 
 
 # -- the pure per-batch function ------------------------------------------------------------------------------------

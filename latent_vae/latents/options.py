@@ -53,6 +53,15 @@ class PrecomputeOptions:
     claim_timeout: float = _option(300.0, "seconds without a heartbeat after which another process takes over a claimed shard",
                                    values.timeout)
     progress: bool = _option(True, "show a progress bar")
+    engine: Literal["local", "ray"] = _option("local", "local: this process (and its torchrun ranks); ray: a Ray Data "
+                                              "pipeline on a Ray cluster (pip install 'latent-vae[ray]')")
+    ray_address: str | None = _option(None, "--engine ray: the cluster to join (default: RAY_ADDRESS, else a new local "
+                                      "Ray on this machine)")
+    encoders: int = _option(1, "--engine ray: encoder actors, each holding one model", values.positive_int)
+    gpus_per_encoder: float | None = _option(None, "--engine ray: GPUs per encoder actor (default: 1 when the cluster has "
+                                             "GPUs, else 0: the encoders run on CPUs)", values.Real(0.0, True, 64.0))
+    decoders: int | None = _option(None, "--engine ray: most decode tasks at once, one CPU each (default: as many as "
+                                   "the cluster's free CPUs allow)", values.positive_int)
 
     def validate(self) -> None:
         """Every field in its range (the same parsers as the flags'), so a Python caller's bad value is refused

@@ -15,55 +15,53 @@ How the run is organised, and why:
   killed anywhere loses only the shards it had in flight (about one per DataLoader worker).
 - A claim whose owner stopped heartbeating (or, on the same host, whose process is gone) is stale and is
   taken over, so a run waits for shards that another live process holds, and finishes those of the dead.
+- `engine="ray"` runs the same shards through a Ray Data pipeline instead (`latent_vae.latents.ray_engine`); what a
+  run is whatever its engine (claims, items, commits, the summary) is `latent_vae.latents.run`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import tarfile
 import time
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
-from ..codec.posterior import PosteriorStats, warn_if_noisy
-from ..images.reading import load_image
-from ..utils.dtypes import dtype_name
-from ..utils.errors import ImageError, printable
+from ..utils.errors import StorageError, storage_failure
 from ..utils.option_values import resolve_device
 from . import format as fmt
-from .claims import HOST, ClaimBeat, Claims, Heartbeat, Owner
-from .encoding import (
-    PreparedImage,
-    SkipImage,
-    encode_moments,
-    failure_reason,
-    make_buckets,
-    moment_rows,
-    prepare_image,
-)
-from .metadata import BAD_METADATA, MetadataError, MetadataFitter
+from .claims import Claims, Heartbeat, Owner
+from .encoding import PreparedImage, encode_moments, make_codec, moment_rows
+from .metadata import MetadataFitter
 from .options import PrecomputeOptions
-from .sources import Sample, Source, open_source
-from .storage import DatasetStore, manifest_key, open_store
-from .verify import count_dataset, verify_latents
-from .writer import ShardWriter, clean_staging, commit_shard, output_features, remove_orphans, shard_state
+from .run import (
+    SHARD_READ_ERRORS,
+    OpenShard,
+    PrecomputeSummary,
+    RunCounts,
+    claim_shard,
+    commit_open_shard,
+    failure_record,
+    finish_run,
+    open_inputs,
+    open_output,
+    open_shard,
+    prepare_sample,
+    unclaimed,
+    unfinished,
+    unique_keys,
+    unreadable_shard,
+)
+from .sources import Source
+from .storage import DatasetStore, open_store, store_errors
+from .writer import output_features
 
 # Batches the writer thread may lag behind the encoder (each holds a batch of latents in host memory).
 WRITES_AHEAD = 4
-
-# What reading a damaged input shard raises (a truncated tar or parquet file, a parquet file whose schema differs
-# from the first one's): the shard's one failure.
-SHARD_READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError, KeyError, zlib.error, pa.ArrowException)
-
 
 class ShardReader(torch.utils.data.IterableDataset):
     """Claims shards, then yields for each, in lists: {"kind": "start"}, its images (prepared) or failures, {"kind": "end"}.
@@ -87,14 +85,8 @@ class ShardReader(torch.utils.data.IterableDataset):
         for index in self.order[start:] + self.order[:start]:
             shard = self.source.shards[index]
             heartbeat.check()  # a process whose claims no longer beat claims nothing more
-            if shard_state(self.out, shard.name) == "complete" or not claims.try_claim(shard.name):
+            if not claim_shard(self.out, claims, shard.name):
                 continue
-            state = shard_state(self.out, shard.name)  # again, now that no one else can be committing it
-            if state == "complete":
-                claims.release(shard.name)
-                continue
-            if state == "broken":  # a manifest whose data was lost: redo the shard
-                self.out.remove(manifest_key(shard.name))
             beat = claims.handle(shard.name)
             heartbeat.add(beat)
             # Items travel in lists of about a batch: one message per batch, not per image (small images are
@@ -108,10 +100,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                         chunk = []
             except SHARD_READ_ERRORS as error:
                 # A truncated download or a bad file: what was read stays, the rest is one failure of the shard.
-                chunk.append({"kind": "failure", "shard": shard.name, "key": f"{shard.name}#unread",
-                              "source": shard.name, "reason": "unreadable_shard",
-                              "message": f"{getattr(shard, 'path', shard.name)}: could not be read to the end "
-                              f"({type(error).__name__}: {error})"})
+                chunk.append(unreadable_shard(shard, error))
             heartbeat.discard(beat)
             yield [*chunk, {"kind": "end", "shard": shard.name}]
 
@@ -138,47 +127,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                 raise cut
 
     def _item(self, shard: str, sample) -> dict:
-        if sample.image is None:  # a tar sample without an image member, a null in the image column
-            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name, "reason": "missing",
-                    "message": f"{sample.name}: no image"}
-        try:  # before decoding: a sample whose metadata fits no column is one failed input, never the shard's
-            passthrough = self.fit_metadata(sample.passthrough)
-        except MetadataError as error:
-            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name,
-                    "reason": BAD_METADATA, "message": f"{sample.name}: {error}"}
-        try:
-            image = load_image(sample.image, max_pixels=self.options.max_pixels, name=sample.name)
-            prepared = prepare_image(image, self.options, self.buckets)
-        except ImageError as error:
-            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name,
-                    "reason": failure_reason(error, sample.name), "message": str(error)}
-        except SkipImage as skip:
-            return {"kind": "failure", "shard": shard, "key": sample.key, "source": sample.name,
-                    "reason": skip.reason, "message": f"{sample.name}: {skip}"}
-        return {"kind": "image", "shard": shard, "prepared": prepared,
-                "metadata": {fmt.KEY: sample.key, **passthrough}}
-
-
-def unique_keys(samples, shard: str = ""):
-    """An input shard's samples with unique keys, by the documented rule: a key seen before in the shard is
-    stored as KEY#2, KEY#3, ... (the first sample keeps KEY), and the shard's renamed keys are named in one line
-    on stderr when it has been read. Repeats across shards are found by the verification that ends every run."""
-    seen: set[str] = set()
-    repeats: dict[str, int] = {}
-    renamed: list[str] = []
-    for sample in samples:
-        key = sample.key
-        while key in seen:
-            repeats[sample.key] = repeats.get(sample.key, 1) + 1
-            key = f"{sample.key}#{repeats[sample.key]}"
-        seen.add(key)
-        if key != sample.key:
-            renamed.append(key)
-        yield sample if key == sample.key else Sample(key, sample.image, sample.name, sample.passthrough)
-    if renamed:
-        shown = ", ".join(printable(k) for k in renamed[:5]) + (f" and {len(renamed) - 5} more" if len(renamed) > 5 else "")
-        print(f"latent-vae: {printable(shard)}: {len(renamed)} repeated key(s) in the shard, stored as KEY#n: {shown}",
-              file=sys.stderr)
+        return prepare_sample(shard, sample, self.fit_metadata, self.options, self.buckets)
 
 
 def _passthrough_collate(item: dict) -> dict:
@@ -196,53 +145,6 @@ def shard_order(count: int, rank: int, world_size: int) -> list[int]:
 
 
 # -- the run --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PrecomputeSummary:
-    """What a run did (this run) and what the dataset holds (all runs so far)."""
-
-    out: str
-    shards: int  # input shards
-    shards_done_before: int  # complete before this run started
-    rows: int  # latents in the dataset
-    failures: int  # inputs that could not be used (each listed in failures.jsonl)
-    failure_reasons: dict[str, int]
-    encoded_this_run: int
-    failed_this_run: int
-    shards_this_run: int  # shards this run committed
-    seconds: float
-    images_per_second: float  # encoded this run / seconds, all ranks together
-    world_size: int = 1
-    complete: bool = True  # every shard committed and the closing verification found no problem
-    problems: list[str] = field(default_factory=list)  # what that verification found (`verify_latents`)
-    posterior_noise: float | None = None  # how far a posterior sample lies from its mean (`codec.posterior`)
-
-    def line(self) -> str:
-        """One line for a terminal."""
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.failure_reasons.items()))
-        return (f"{self.rows} latents ({self.encoded_this_run} this run), {self.failures} failed"
-                f"{f' ({reasons})' if reasons else ''}, {self.shards} shards ({self.shards_done_before} done before, "
-                f"{self.shards_this_run} this run) -> {self.out}  [{self.images_per_second:.1f} img/s, "
-                f"{self.seconds:.1f} s, {self.world_size} process(es)]"
-                + ("" if self.posterior_noise is None else f", posterior noise {self.posterior_noise:.3g}"))
-
-
-def _make_codec(model: Any, options: PrecomputeOptions, device: torch.device):
-    from diffusers import AutoencoderKL
-
-    from ..codec.latent_codec import LatentCodec
-    from ..models.loading import load_vae
-
-    per_call = options.batch_size * (2 if options.flip else 1)
-    if isinstance(model, LatentCodec):
-        return model, None  # used as configured by the caller (device, dtype, tiling)
-    vae = model if isinstance(model, AutoencoderKL) else load_vae(model)
-    source = str(model) if isinstance(model, (str, os.PathLike)) else None
-    codec = LatentCodec(vae, device=device, dtype=options.encode_dtype, max_batch_size=per_call,
-                        max_memory=options.max_memory, tile_size=options.tile_size,
-                        channels_last=options.channels_last)
-    return codec, source
 
 
 def _cpus_per_process() -> int:
@@ -265,15 +167,6 @@ def _options(options: PrecomputeOptions | None, overrides: dict) -> PrecomputeOp
     return merged
 
 
-@dataclass
-class _OpenShard:
-    writer: ShardWriter
-    source: str
-    beat: ClaimBeat
-    failures: list[dict] = field(default_factory=list)
-    posterior: PosteriorStats = field(default_factory=PosteriorStats)  # of its rows, for its manifest
-
-
 class _Run:
     """One process's part of a precompute: passes over the shards until every one is complete."""
 
@@ -286,7 +179,7 @@ class _Run:
         self.heartbeat = Heartbeat.of_this_process(options.claim_timeout / 4)
         self.storage = fmt.storage_dtype(options.dtype)
         self.encoded = self.failed = self.committed = 0
-        self.open: dict[str, _OpenShard] = {}
+        self.open: dict[str, OpenShard] = {}
         self.groups: dict[tuple[int, ...], list[dict]] = {}
         # Rows are packed and shards written and committed in one background thread, in order, while this
         # thread feeds the accelerator the next batch (else it idles through every parquet write).
@@ -297,15 +190,15 @@ class _Run:
     def run(self, workers: int) -> None:
         names = [s.name for s in self.source.shards]
         poll = min(2.0, max(0.2, self.options.claim_timeout / 20))
-        left = [i for i in self.order if shard_state(self.out, names[i]) != "complete"]
+        left = unfinished(self.out, names, self.order)
         try:
             while left:
-                free = [i for i in left if not self.claims.held(names[i])]
+                free = unclaimed(self.out, self.claims, names, left)
                 if free:
                     self._pass(free, workers)
                 else:  # live processes hold what is left: wait for them to finish, or for their claims to go stale
                     time.sleep(poll)
-                left = [i for i in left if shard_state(self.out, names[i]) != "complete"]
+                left = unfinished(self.out, names, left)
         finally:
             self.writer_thread.shutdown()
         self.claims.clear_stale()
@@ -333,7 +226,10 @@ class _Run:
             self.written.clear()
             for name, shard in self.open.items():
                 shard.writer.abort()
-                self.claims.release(name)
+                try:
+                    self.claims.release(name)
+                except store_errors():
+                    pass  # the store is failing: the claim goes stale, and is taken over, without this run
             self.open.clear()
             self.groups.clear()
 
@@ -358,12 +254,10 @@ class _Run:
         kind, name = item["kind"], item["shard"]
         if kind == "start":
             self.heartbeat.check()
-            beat = self.claims.handle(name)
-            self.open[name] = _OpenShard(ShardWriter(self.out, name, self.features, self.owner.run_id[:12]),
-                                         item["source"], beat)
-            self.heartbeat.add(beat)
+            self.open[name] = open_shard(self.out, self.claims, name, item["source"], self.features)
+            self.heartbeat.add(self.open[name].beat)
         elif kind == "failure":
-            self.open[name].failures.append({k: item[k] for k in ("key", "source", "reason", "message")})
+            self.open[name].failures.append(failure_record(item))
             self.failed += 1
             self.progress.update(1)
         elif kind == "image":
@@ -387,7 +281,7 @@ class _Run:
         self.encoded += len(items)
         self.progress.update(len(items))
 
-    def _write_rows(self, shards: list[_OpenShard], items: list[dict], images: list[PreparedImage], moments) -> None:
+    def _write_rows(self, shards: list[OpenShard], items: list[dict], images: list[PreparedImage], moments) -> None:
         rows = moment_rows(images, [i["metadata"] for i in items], *moments, flip=self.options.flip, dtype=self.storage)
         mean, std = moments
         for i, (shard, row) in enumerate(zip(shards, rows)):
@@ -396,11 +290,7 @@ class _Run:
 
     def _commit(self, name: str) -> None:
         shard = self.open[name]
-        staged, checksum = shard.writer.finish()
-        manifest = fmt.Manifest(name, str(shard.source), shard.writer.rows, shard.failures, checksum,
-                                staged.key.rsplit("/", 1)[-1] if staged.key != staged.final else "", HOST, os.getpid(),
-                                self.owner.run_id, time.time(), staged.file, shard.posterior.record())
-        if commit_shard(self.out, manifest, staged):
+        if commit_open_shard(self.out, self.owner, name, shard):
             self.committed += 1
         del self.open[name]
         self.heartbeat.discard(shard.beat)
@@ -425,7 +315,9 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
         single_writer: allow an `out` store without atomic conditional writes, promising that no other run
             writes into it at the same time.
 
-    Under `torchrun` / `accelerate launch` every process, on every node, takes its share of the shards.
+    Under `torchrun` / `accelerate launch` every process, on every node, takes its share of the shards. With
+    `engine="ray"` one driver runs a Ray Data pipeline on a Ray cluster instead (`ray_address`, `encoders`,
+    `gpus_per_encoder`, `decoders`): the same dataset.
     Returns when every shard of the dataset is complete (waiting for shards other live processes hold).
     """
     from accelerate import PartialState
@@ -434,40 +326,24 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     opts = _options(options, overrides)
     out = open_store(out, storage_options, single_writer=single_writer)
     out.check(write=True)  # a missing bucket, credentials or permission: one line before any work
+    if opts.engine == "ray":
+        from .ray_engine import precompute_on_ray  # Ray is an optional extra: imported when asked for
+
+        return precompute_on_ray(model, data, out, opts, storage_options)
     wanted = resolve_device(opts.device) if opts.device not in (None, "auto") else None
     state = PartialState(cpu=wanted is not None and wanted.type == "cpu")
     device = wanted or state.device
     if device.type == "cuda" and device.index is None and state.device.type == "cuda":
         device = state.device  # plain "cuda" under torchrun: this process's own GPU
 
-    source = open_source(data, image_column=opts.image_column, key_column=opts.key_column,
-                         caption_column=opts.caption_column, split=opts.split, shard_size=opts.shard_size,
-                         reserved=fmt.RESERVED_COLUMNS, storage_options=storage_options)
-    codec, model_source = _make_codec(model, opts, device)
-    factor = codec.downsampling_factor
-    step = opts.bucket_step or factor
-    if step % factor:
-        raise ValueError(f"bucket_step {step} is not a multiple of the model's downsampling factor {factor}")
-    if opts.resolution % factor:
-        raise ValueError(f"resolution {opts.resolution} is not a multiple of the model's downsampling factor {factor}")
-    bucket_list = make_buckets(opts.resolution, step, opts.max_aspect) if opts.buckets else None
-    info = fmt.LatentInfo(
-        fingerprint=codec.fingerprint, normalization=codec.normalization.to_config(),
-        latent_channels=codec.latent_channels, downsampling_factor=factor, resolution=opts.resolution,
-        buckets=[list(b) for b in bucket_list] if bucket_list else None, flip=opts.flip,
-        storage_dtype=dtype_name(fmt.storage_dtype(opts.dtype)), encode_dtype=dtype_name(codec.dtype),
-        max_upscale=opts.max_upscale, image_column=source.image_column,
-        key_column=source.key_column, passthrough=list(source.passthrough),
-        input_shards=[s.name for s in source.shards], shard_size=None if source.sharded else opts.shard_size,
-        input_digest=source.keys_digest,
-        model_source=model_source, data_source=source.description)
-    fmt.create_or_check(out, info)
-    clean_staging(out)
+    source = open_inputs(data, opts, storage_options)
+    codec, model_source = make_codec(model, opts, device)
+    bucket_list = open_output(codec, model_source, source, out, opts)
 
     if state.num_processes > 1:  # ranks start claiming together: one that loads its model first takes no one's share
         state.wait_for_everyone()
-    names = info.input_shards
-    done_before = sum(shard_state(out, n) == "complete" for n in names)
+    names = [s.name for s in source.shards]
+    done_before = len(names) - len(unfinished(out, names, list(range(len(names)))))
     order = shard_order(len(names), state.process_index, state.num_processes)
     workers = opts.num_workers if opts.num_workers is not None else _default_workers()
     progress = tqdm(unit="img", desc="precompute", dynamic_ncols=True,
@@ -475,48 +351,18 @@ def precompute_latents(model: Any, data: Any, out: str | os.PathLike, options: P
     run = _Run(codec, source, out, opts, bucket_list, order, output_features(source.passthrough, opts.flip),
                progress)
     start = time.perf_counter()
-    run.run(workers)
+    try:
+        run.run(workers)
+    except store_errors() as error:  # the store failed past its retries: what is committed stays
+        raise StorageError(storage_failure(out.where(), error)) from error
     seconds = time.perf_counter() - start
     progress.close()
 
-    mine = (run.encoded, run.failed, run.committed, seconds)
+    mine = RunCounts(run.encoded, run.failed, run.committed, seconds)
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 
-        per_rank = gather_object([mine])
+        per_process = gather_object([mine])
     else:
-        per_rank = [mine]
-    return _finish(out, names, per_rank, done_before, state.is_main_process, state.num_processes)
-
-
-def _finish(out: DatasetStore, names: list[str], per_rank: list[tuple], done_before: int, main: bool,
-            world_size: int) -> PrecomputeSummary:
-    """The end of every run: (the main process) removes what lost attempts left, verifies the dataset, records
-    the posterior's noise in latents.json (saying so when a sample would be mostly noise), writes failures.jsonl
-    and summary.json. Returns the summary."""
-    if main:  # what attempts that lost a commit (or were killed) left beside the winners' data
-        remove_orphans(out, {n: m.data_file for n, m in fmt.read_manifests(out, names).items()})
-    counts = count_dataset(out)
-    # Every run ends by verifying what the dataset holds (manifests, row counts, every key once; `--verify` also
-    # checks every file's sha256), so that it never calls complete a dataset that `--verify` rejects.
-    problems = verify_latents(out, checksums=False, posterior_warning=False).problems if main else []
-    noise = counts.posterior.noise_ratio()
-    wall = max(r[3] for r in per_rank)
-    encoded = sum(r[0] for r in per_rank)
-    summary = PrecomputeSummary(
-        out=out.where(), shards=counts.shards, shards_done_before=done_before, rows=counts.rows,
-        failures=counts.failures, failure_reasons=counts.failure_reasons, encoded_this_run=encoded,
-        failed_this_run=sum(r[1] for r in per_rank), shards_this_run=sum(r[2] for r in per_rank), seconds=wall,
-        images_per_second=encoded / wall if wall > 0 else 0.0, world_size=world_size,
-        complete=counts.complete and not problems, problems=problems, posterior_noise=noise)
-    if main:
-        info = fmt.LatentInfo.read(out)
-        info.posterior = counts.posterior.record()
-        out.write(fmt.INFO_FILE, info.to_json().encode())
-        warn_if_noisy(noise, info.model_source or info.fingerprint, where=out.where(),
-                      advice="train on the stored means (load_latents(..., sample=False))")
-        failures = fmt.read_failures(out)
-        out.write(fmt.FAILURES_FILE, "".join(json.dumps(f) + "\n" for f in failures).encode())
-        out.write(fmt.SUMMARY_FILE, json.dumps(asdict(summary), indent=2).encode())
-    return summary
-
+        per_process = [mine]
+    return finish_run(out, names, done_before, per_process, is_main=state.is_main_process)

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import re
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..images.reading import IMAGE_SUFFIXES
+from ..utils.errors import StorageFault, one_line
 from ..utils.file_boundary import json_or_none, parse_json, reading
 from .metadata import uniform_columns
 from .storage import is_url
@@ -92,7 +95,57 @@ _MEMBER = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # WebDataset's rule: 
 def _open_input(path: str, fs) -> Any:
     """A local path as it is (readers open it themselves); a file of an fsspec file system opened for streaming:
     read in blocks of STREAM_BLOCK, so a shard never lands on the local disk."""
-    return path if fs is None else fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead")
+    if fs is None:
+        return path
+    url = fs.unstrip_protocol(path)
+    with _faults(url):
+        return _RemoteInput(fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead"), url)
+
+
+class _RemoteInput(io.RawIOBase):
+    """A file of an object store whose read errors are StorageFaults: a dropped connection that outlasted the
+    retries is the store's fault, not a damaged shard (tarfile and pyarrow would report it as one)."""
+
+    def __init__(self, file, url: str) -> None:
+        self.file, self.url = file, url
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        with _faults(self.url):
+            data = self.file.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        with _faults(self.url):
+            return self.file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+@contextmanager
+def _faults(url: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        raise StorageFault(f"{url}: {one_line(error, with_type=True)}") from error
 
 
 class TarShard:
@@ -171,7 +224,8 @@ class RowRangeShard:
                 index = begin + offset
                 path = image.get("path") if isinstance(image, dict) else None
                 if self.fs is not None and path:
-                    image = _fetch(self.fs, path)
+                    with _faults(path):
+                        image = {"bytes": self.fs.cat_file(self.fs._strip_protocol(path)), "path": path}
                 yield Sample(self.keys[index] if self.keys else str(index), image, path or f"{self.where}[{index}]",
                              {c: chunk[c][offset] for c in self.columns})
 
@@ -188,15 +242,6 @@ class StreamShard:
         for number, row in enumerate(self.dataset.shard(num_shards=self.count, index=self.index)):
             key = str(row[self.key_column]) if self.key_column else f"{self.name}/{number}"
             yield Sample(key, row[self.image_column], f"{self.name}[{number}]", {c: row[c] for c in self.columns})
-
-
-def _fetch(fs, url: str) -> dict | str:
-    """An image of an object store: its bytes (what `load_image` decodes), or, when it cannot be fetched, the URL,
-    which `load_image` then fails as one input naming it."""
-    try:
-        return {"bytes": fs.cat_file(fs._strip_protocol(url)), "path": url}
-    except OSError:
-        return url
 
 
 # -- opening a source ----------------------------------------------------------------------------------------------
@@ -255,11 +300,11 @@ def _remote_source(data, image_column, key_column, caption_column, shard_size, r
                    storage_options: dict | None) -> Source:
     """Tar or parquet shards (a URL, a glob or a list of them, or a prefix holding them) or an image folder on an
     object store. Nothing is downloaded here: files are listed, and shards are streamed when they are read."""
-    from .object_store import file_system, storage_errors, store_options
+    from .object_store import file_system, storage_errors
 
     urls = list(data) if isinstance(data, (list, tuple)) else [data]
     where = urls[0] if len(urls) == 1 else f"{len(urls)} files"
-    fs = file_system(urls[0], store_options(urls[0], storage_options))[0]
+    fs = file_system(urls[0], storage_options)
     with storage_errors(where):
         files: list[str] = []
         for url in urls:
@@ -274,7 +319,8 @@ def _remote_source(data, image_column, key_column, caption_column, shard_size, r
             elif fs.isdir(path):
                 entries = [p for p in sorted(fs.find(path)) if not _hidden(PurePosixPath(p), PurePosixPath(path))]
                 if not any(PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES for p in entries):
-                    files += [p for p in entries if p.endswith(TAR_SUFFIXES) or PurePosixPath(p).suffix in TABLE_SUFFIXES]
+                    files += [p for p in entries
+                              if p.endswith(TAR_SUFFIXES) or PurePosixPath(p).suffix in TABLE_SUFFIXES]
                 else:
                     return _folder_source(PurePosixPath(path), caption_column, shard_size, reserved, fs, url)
             else:

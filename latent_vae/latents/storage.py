@@ -25,8 +25,10 @@ Layout (names relative to the dataset's root):
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +39,7 @@ from ..utils.atomic import (
     publish_exclusive,
     unique_tmp_path,
 )
+from ..utils.errors import StorageFault
 
 INFO_FILE = "latents.json"
 SUMMARY_FILE = "summary.json"
@@ -289,7 +292,21 @@ class LocalStore(DatasetStore):
 
     def dead_leftovers(self, folder: str) -> list[str]:
         # Only this host's dead processes' files can be told from a live writer's (their names hold host and pid).
-        return [f"{folder}/{file.name}" for file in sorted(self.path(folder).glob(".*.tmp")) if left_by_dead_process(file)]
+        files = sorted(self.path(folder).glob(".*.tmp"))
+        return [f"{folder}/{file.name}" for file in files if left_by_dead_process(file)]
+
+
+@cache
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What a store raises when it fails (not when it answers no): OSError (a disk; s3fs's translations), a
+    StorageFault, and the transport errors of the object-store clients that are installed (botocore's, aiohttp's)."""
+    errors: list[type[BaseException]] = [OSError, StorageFault, TimeoutError]
+    for module, name in (("botocore.exceptions", "BotoCoreError"), ("aiohttp", "ClientError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # a client that is not installed raises nothing
+            pass
+    return tuple(errors)
 
 
 def is_url(location: Any) -> bool:

@@ -24,7 +24,16 @@ from .format import (
     TARGET_SIZE,
     Manifest,
 )
-from .storage import DATA_DIR, DATA_SUFFIX, STAGING_DIR, DatasetStore, data_key, manifest_key
+from .storage import (
+    DATA_DIR,
+    DATA_SUFFIX,
+    STAGING_DIR,
+    DatasetStore,
+    data_key,
+    manifest_key,
+    shard_of_data_file,
+    store_errors,
+)
 
 
 def output_features(passthrough, flip: bool):
@@ -123,10 +132,13 @@ class ShardWriter:
                 self._writer.close()
             finally:
                 self.staged.sink.close()
-        except (OSError, ValueError):
+        except (*store_errors(), ValueError):
             pass  # a file that could not be written cannot be closed cleanly either: it is removed below
         finally:
-            self.store.remove(self.staged.key)
+            try:
+                self.store.remove(self.staged.key)
+            except store_errors():
+                pass  # the store is failing: a later run removes the file (a data file no manifest names)
 
 
 def storage_failures(where: str):
@@ -140,7 +152,7 @@ def storage_failures(where: str):
             yield
         except StorageError:
             raise
-        except OSError as error:
+        except store_errors() as error:
             raise StorageError(storage_failure(where, error)) from error
 
     return guard()
@@ -197,7 +209,7 @@ def remove_orphans(store: DatasetStore, committed: dict[str, str]) -> list[str]:
         return []
     removed = []
     for file in store.list(DATA_DIR, DATA_SUFFIX):
-        shard = file.split(".", 1)[0]
+        shard = shard_of_data_file(file)
         if shard in committed and committed[shard] != file:
             store.remove(data_key(file))
             removed.append(file)

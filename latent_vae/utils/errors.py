@@ -27,6 +27,11 @@ class StorageError(ValueError):
     permission, a full disk, a store's fault past its retries); the message names the place and what to do."""
 
 
+class StorageFault(RuntimeError):
+    """An object store's fault (throttling, 5xx, a dropped connection) that outlasted the retries while reading an
+    input: the shard in flight is abandoned, never recorded as failed, so that a rerun reads it again."""
+
+
 class ImageError(ValueError):
     """An input that is not a usable image; the message names it and says why."""
 
@@ -119,8 +124,11 @@ _ERRNO_DETAIL = re.compile(r"\[errno (\d+)\] ([^\n]*)", re.IGNORECASE)
 
 def storage_failure(where: str, error: BaseException) -> str:
     """One line for a write to `where` that failed in the middle of a run (a full disk, a quota, a permission, a
-    store's fault past its retries): the file, the reason, and that the committed shards are kept."""
+    store's fault past its retries): the file (the error's own, when it names one), the reason, and that the
+    committed shards are kept."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+    if isinstance(error, OSError) and error.filename:  # the file it hit, when the error knows it
+        where = str(error.filename)
     detail = _ERRNO_DETAIL.search(reason)
     if detail:
         reason = detail.group(2).strip()
