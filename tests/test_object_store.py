@@ -23,9 +23,9 @@ from benchmarks.local_s3 import DUMMY_CREDENTIALS, FaultProxy, S3Server, wait_fo
 from latent_vae import build_vae, save_vae
 from latent_vae.latents.claims import Claims, Owner
 from latent_vae.latents.format import read_failures, read_manifests
+from latent_vae.latents.locations import open_store
 from latent_vae.latents.precompute import precompute_latents
 from latent_vae.latents.readers import load_latents
-from latent_vae.latents.storage import open_store
 from latent_vae.latents.verify import verify_latents
 from latent_vae.utils.errors import StorageError, storage_failure
 

@@ -56,8 +56,8 @@ def run_precompute(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..latents.format import FAILURES_FILE, LAYOUT, read_failures
+    from ..latents.locations import is_url, open_store
     from ..latents.precompute import PrecomputeOptions, precompute_latents
-    from ..latents.storage import is_url, open_store
     from ..latents.verify import verify_latents
 
     try:

@@ -4,8 +4,10 @@ latents many times).
 One module per subject, from the disk up:
     single_file one latent per `.safetensors` file, with what is needed to decode it right
     storage     where a dataset lives: its folder's layout and the protocol's operations (DatasetStore,
-                LocalStore for a folder; open_store for a path or a URL)
+                LocalStore for a folder)
     object_store  the same on s3:// and gs:// through fsspec (conditional writes, data named per attempt)
+    locations   a path or a URL -> its store (`open_store`)
+    provenance  which model made a latent: the one check, for a latent file and a dataset
     format      the dataset's records and columns: `latents.json` (LatentInfo), manifests, byte packing
     writer      the row schema, the streaming shard writer, and the exactly-once commit of a shard
     verify      counting and verifying a dataset against its own records

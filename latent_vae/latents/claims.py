@@ -26,7 +26,8 @@ from ..utils import option_values as values
 from ..utils.atomic import pid_alive
 from ..utils.errors import one_line
 from ..utils.file_boundary import json_or_none
-from .storage import CLAIM_DIR, CLAIM_SUFFIX, DatasetStore, Seen, claim_key, open_store
+from .locations import open_store
+from .storage import CLAIM_DIR, CLAIM_SUFFIX, DatasetStore, Seen, claim_key
 
 HOST = socket.gethostname()
 

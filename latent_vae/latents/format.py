@@ -48,6 +48,7 @@ from ..models.normalization import LatentNormalization
 from ..utils.dtypes import resolve_dtype
 from ..utils.errors import short_repr
 from ..utils.file_boundary import bad_file, json_record
+from .locations import open_store
 from .storage import (  # noqa: F401 -- the layout's names, read from here too
     CLAIM_DIR,
     DATA_DIR,
@@ -59,7 +60,6 @@ from .storage import (  # noqa: F401 -- the layout's names, read from here too
     SUMMARY_FILE,
     DatasetStore,
     manifest_key,
-    open_store,
 )
 
 FORMAT_NAME = "latent-vae/latents"

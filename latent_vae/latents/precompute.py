@@ -36,6 +36,7 @@ from ..utils.option_values import resolve_device
 from . import format as fmt
 from .claims import Claims, Heartbeat, Owner
 from .encoding import PreparedImage, encode_moments, make_codec, moment_rows
+from .locations import open_store
 from .metadata import MetadataFitter
 from .options import PrecomputeOptions
 from .run import (
@@ -57,7 +58,7 @@ from .run import (
     unreadable_shard,
 )
 from .sources import Source
-from .storage import DatasetStore, open_store, store_errors
+from .storage import DatasetStore, store_errors
 from .writer import output_features
 
 # Batches the writer thread may lag behind the encoder (each holds a batch of latents in host memory).

@@ -26,8 +26,9 @@ from .format import (
     read_manifests,
     unpack,
 )
+from .locations import open_store
 from .provenance import check_made_by
-from .storage import DatasetStore, data_key, open_store
+from .storage import DatasetStore, data_key
 from .verify import dataset_posterior
 from .writer import shard_state
 

@@ -32,8 +32,8 @@ from typing import Any
 from ..images.reading import IMAGE_SUFFIXES
 from ..utils.errors import StorageFault, one_line
 from ..utils.file_boundary import json_or_none, parse_json, reading
+from .locations import is_url
 from .metadata import uniform_columns
-from .storage import is_url
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 # A shard read from an object store is fetched in blocks of this size as it is read: bounded memory, no local copy.

@@ -307,22 +307,3 @@ def store_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):  # a client that is not installed raises nothing
             pass
     return tuple(errors)
-
-
-def is_url(location: Any) -> bool:
-    """Whether `location` names a place through fsspec (s3://, gs://, memory://...) rather than a local path."""
-    return isinstance(location, str) and "://" in location and not location.startswith("file://")
-
-
-def open_store(location: str | os.PathLike | DatasetStore, storage_options: dict | None = None, *,
-               single_writer: bool = False) -> DatasetStore:
-    """The store of a latent dataset at a local path or a URL (s3://BUCKET/PREFIX, gs://...). `storage_options`
-    go to the fsspec file system (credentials, endpoint); `single_writer` allows a store without an atomic create."""
-    if isinstance(location, DatasetStore):
-        return location
-    if is_url(location):
-        from .object_store import ObjectStore
-
-        return ObjectStore(str(location), storage_options, single_writer=single_writer)
-    text = str(location)
-    return LocalStore(text[len("file://"):] if text.startswith("file://") else location)

@@ -11,7 +11,8 @@ import numpy as np
 from ..codec.posterior import PosteriorStats, warn_if_noisy
 from ..utils.errors import one_line
 from .format import KEY, LatentInfo, Manifest, read_manifests
-from .storage import DATA_DIR, DATA_SUFFIX, DatasetStore, data_key, open_store
+from .locations import open_store
+from .storage import DATA_DIR, DATA_SUFFIX, DatasetStore, data_key
 from .writer import shard_state
 
 
