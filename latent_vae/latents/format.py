@@ -250,13 +250,14 @@ def read_manifests(out: str | os.PathLike | DatasetStore, names: list[str] | Non
     store = open_store(out)
     if names is None:
         names = [file.removesuffix(".json") for file in store.list(MANIFEST_DIR, ".json")]
-    manifests = {}
-    for name in names:
+
+    def read(name: str) -> Manifest | None:
         try:
-            manifests[name] = Manifest.read(store, name)
+            return Manifest.read(store, name)
         except FileNotFoundError:
-            pass
-    return manifests
+            return None
+
+    return {name: manifest for name, manifest in zip(names, store.map(read, names)) if manifest is not None}
 
 
 def read_failures(path: str | os.PathLike | DatasetStore) -> list[dict]:

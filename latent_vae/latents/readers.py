@@ -80,8 +80,8 @@ class _RowGroups:
         self.groups: list[tuple[int, int]] = []  # (file, row group)
         self.starts: list[int] = []  # first global row of each group
         total = 0
-        for number, file in enumerate(self.files):
-            metadata = pq.ParquetFile(store.open_input(file)).metadata
+        footers = store.map(lambda file: pq.ParquetFile(store.open_input(file)).metadata, self.files)
+        for number, metadata in enumerate(footers):
             for group in range(metadata.num_row_groups):
                 self.groups.append((number, group))
                 self.starts.append(total)
@@ -221,7 +221,7 @@ def load_latents(
     info = LatentInfo.read(out)
     check_compatible(info, path, model=model, resolution=resolution)
     manifests = read_manifests(out, info.input_shards)
-    states = {name: shard_state(out, name) for name in manifests}
+    states = dict(zip(manifests, out.map(lambda name: shard_state(out, name), list(manifests))))
     done = [n for n in info.input_shards if states.get(n) == "complete"]
     if len(done) < len(info.input_shards) and not allow_incomplete:
         raise ValueError(f"{path}: {len(info.input_shards) - len(done)} of {len(info.input_shards)} shards are not done "

@@ -77,37 +77,37 @@ def verify_latents(path: str | os.PathLike | DatasetStore, *, checksums: bool = 
     file is there with its row count and sha256, no data file is unaccounted for, and every key (rows and
     failures together) occurs once. Problems are listed, one line each; ValueError if it is no latent dataset.
     The posterior's noise is reported too, with a PosteriorNoiseWarning when a sample would be mostly noise."""
-    import pyarrow.parquet as pq
 
     out = open_store(path, storage_options)
     out.check(write=False)
     info = LatentInfo.read(out)
     problems: list[str] = []
     manifests, damaged = {}, set()
-    for name in info.input_shards:  # a damaged manifest is a problem of the dataset, named, not a stop
+    def read(name: str) -> Manifest | str | None:  # a damaged manifest is a problem of the dataset, not a stop
         try:
-            manifests.update(read_manifests(out, [name]))
+            return Manifest.read(out, name)
+        except FileNotFoundError:
+            return None
         except ValueError as error:
-            problems.append(one_line(error))
+            return one_line(error)
+
+    for name, found in zip(info.input_shards, out.map(read, info.input_shards)):
+        if isinstance(found, str):
+            problems.append(found)
             damaged.add(name)
+        elif found is not None:
+            manifests[name] = found
     missing = [n for n in info.input_shards if n not in manifests and n not in damaged]
     if missing:
         problems.append(f"{len(missing)} shard(s) not done: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     key_hashes, rows, failures = [], 0, 0
-    for name, manifest in manifests.items():
-        data = data_key(manifest.data_file)
+    checked = out.map(lambda item: _check_shard(out, *item, checksums=checksums), list(manifests.items()))
+    for manifest, (shard_problems, stored, keys) in zip(manifests.values(), checked):
         failures += len(manifest.failures)
         key_hashes.append(_hash_keys([f["key"] for f in manifest.failures]))
-        if shard_state(out, name) != "complete":
-            problems.append(f"{name}: manifest without its data file {out.where(data)}")
-            continue
-        stored = pq.ParquetFile(out.open_input(data)).metadata.num_rows
+        problems += shard_problems
         rows += stored
-        if stored != manifest.rows:
-            problems.append(f"{name}: {stored} rows in {manifest.data_file}, the manifest says {manifest.rows}")
-        if checksums and out.sha256(data) != manifest.sha256:
-            problems.append(f"{name}: {manifest.data_file} does not match the manifest's sha256 (changed or corrupt)")
-        key_hashes.append(_hash_keys(_keys(out, data)))
+        key_hashes.append(keys)
     named = {m.data_file for m in manifests.values()}
     orphans = [f for f in out.list(DATA_DIR, DATA_SUFFIX) if f not in named]
     if orphans:  # on an object store: what attempts that lost (or were killed) wrote; a complete run removes them
@@ -126,6 +126,23 @@ def _hash_keys(keys: list[str]) -> np.ndarray:
     import pandas as pd
 
     return pd.util.hash_array(np.asarray(keys, dtype=object)) if keys else np.zeros(0, np.uint64)
+
+
+def _check_shard(out: DatasetStore, name: str, manifest: Manifest, *,
+                 checksums: bool) -> tuple[list[str], int, np.ndarray]:
+    """One committed shard against its manifest: (problems, rows stored, hashes of its keys)."""
+    import pyarrow.parquet as pq
+
+    data = data_key(manifest.data_file)
+    if shard_state(out, name) != "complete":
+        return [f"{name}: manifest without its data file {out.where(data)}"], 0, np.zeros(0, np.uint64)
+    problems = []
+    stored = pq.ParquetFile(out.open_input(data)).metadata.num_rows
+    if stored != manifest.rows:
+        problems.append(f"{name}: {stored} rows in {manifest.data_file}, the manifest says {manifest.rows}")
+    if checksums and out.sha256(data) != manifest.sha256:
+        problems.append(f"{name}: {manifest.data_file} does not match the manifest's sha256 (changed or corrupt)")
+    return problems, stored, _hash_keys(_keys(out, data))
 
 
 def _keys(store: DatasetStore, key: str) -> list[str]:
