@@ -25,6 +25,7 @@ from helpers import assert_close
 from PIL import Image
 
 from latent_vae import LatentCodec, build_vae, save_vae
+from latent_vae.latents.claims import Heartbeat
 from latent_vae.latents.encoding import encode_images
 from latent_vae.latents.format import read_failures, read_manifests, unpack
 from latent_vae.latents.options import PrecomputeOptions
@@ -318,6 +319,8 @@ def test_a_run_that_fails_leaves_nothing_that_blocks_the_next_run_in_the_same_pr
     with pytest.raises(RuntimeError, match="out of memory"):
         precompute_latents(str(model_dir), str(tmp_path / "tars"), out, **options)
     assert not list((out / "staging").iterdir())  # the open shard's half-written file is gone
+    # the heartbeat is the process's: a claim of the failed run left in it would be beaten during later runs
+    assert not Heartbeat.of_this_process(options["claim_timeout"] / 4).paths
     start = time.monotonic()
     summary = precompute_latents(str(model_dir), str(tmp_path / "tars"), out, **options)
     assert time.monotonic() - start < 60  # no waiting for the claim timeout

@@ -102,7 +102,8 @@ class ShardReader(torch.utils.data.IterableDataset):
             except SHARD_READ_ERRORS as error:
                 # A truncated download or a bad file: what was read stays, the rest is one failure of the shard.
                 chunk.append(unreadable_shard(shard, error))
-            heartbeat.discard(beat)
+            finally:  # however this shard ends (an error, the run stopped), this process's heartbeat forgets it
+                heartbeat.discard(beat)
             yield [*chunk, {"kind": "end", "shard": shard.name}]
 
     def _items(self, shard):
@@ -227,6 +228,9 @@ class _Run:
             self.written.clear()
             for name, shard in self.open.items():
                 shard.writer.abort()
+                # The heartbeat is the process's, not the run's: a claim left in it would be beaten after this run,
+                # and a store that fails by then would stop the next run's heartbeat in this process.
+                self.heartbeat.discard(shard.beat)
                 try:
                     self.claims.release(name)
                 except store_errors():
