@@ -1,5 +1,5 @@
-"""The `latent-vae` command line: encode, decode, reconstruct, interpolate, sample-photos, calibrate, info, convert, precompute,
-inspect, fp16-fix.
+"""The `latent-vae` command line: encode, decode, reconstruct, interpolate, sample-photos, calibrate, info, convert,
+precompute, inspect, fp16-fix.
 
 Exit statuses (the same for every command): 0 everything done; 1 some inputs failed (each reported in one
 line naming it and the reason; every good input still written); 2 the command could not run at all (bad
@@ -74,9 +74,9 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         return EXIT_INTERNAL_ERROR
 
 
-
 def _one_line_warning(prog: str, show: Callable) -> Callable:
-    """A `warnings.showwarning` that prints the project's warnings as "PROG: warning: ..." and others as before."""
+    """A `warnings.showwarning` that prints the project's warnings as "PROG: warning: ..." and hands others to
+    `show`."""
     def show_warning(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, PosteriorNoiseWarning):
             print(f"{prog}: warning: {one_line(message)}", file=sys.stderr)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..utils.errors import StorageError, one_line
@@ -285,15 +287,8 @@ class _S3Conditions:
 
     def remove(self, store: ObjectStore, key: str, seen: Seen) -> bool:
         bucket, path = self._split(store, key)
-        try:
-            store.fs.call_s3("delete_object", Bucket=bucket, Key=path, IfMatch=seen.version)
-            return True
-        except FileNotFoundError:
-            return False
-        except OSError as error:
-            if _precondition_failed(error):
-                return False
-            raise
+        return _delete_if_unchanged(lambda: store.fs.call_s3("delete_object", Bucket=bucket, Key=path,
+                                                             IfMatch=seen.version))
 
 
 class _GCSConditions:
@@ -314,15 +309,8 @@ class _GCSConditions:
 
     def remove(self, store: ObjectStore, key: str, seen: Seen) -> bool:
         bucket, path = store.full(key).split("/", 1)
-        try:
-            store.fs.call("DELETE", "b/{}/o/{}", bucket, path, ifGenerationMatch=seen.version)
-            return True
-        except FileNotFoundError:
-            return False
-        except OSError as error:
-            if _precondition_failed(error):
-                return False
-            raise
+        return _delete_if_unchanged(lambda: store.fs.call("DELETE", "b/{}/o/{}", bucket, path,
+                                                          ifGenerationMatch=seen.version))
 
     def _upload(self, store: ObjectStore, key: str, data: bytes, generation: str | None) -> bool:
         from urllib.parse import quote
@@ -357,6 +345,19 @@ def _precondition_failed(error: BaseException) -> bool:
     return "412" in str(error) or "precondition" in str(error).lower() or "pre-condition" in str(error).lower()
 
 
+def _delete_if_unchanged(delete) -> bool:
+    """Run a conditional DELETE; False when the object is gone or changed since it was seen (the precondition)."""
+    try:
+        delete()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        if _precondition_failed(error):
+            return False
+        raise
+
+
 def _ours(store: ObjectStore, key: str, data: bytes) -> bool:
     """After a refused conditional write: whether the stored bytes are ours (a retry of a write that had landed)."""
     try:
@@ -365,24 +366,19 @@ def _ours(store: ObjectStore, key: str, data: bytes) -> bool:
         return False
 
 
-def storage_errors(where: str):
-    """A context manager: what an object store raises for a missing bucket, missing credentials, a denied
-    permission or an unreachable endpoint becomes one StorageError naming `where` and what to do."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def guard():
-        try:
-            yield
-        except StorageError:
+@contextmanager
+def storage_errors(where: str) -> Iterator[None]:
+    """What an object store raises for a missing bucket, missing credentials, a denied permission or an
+    unreachable endpoint becomes one StorageError naming `where` and what to do."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        message = describe_storage_error(error)
+        if message is None:
             raise
-        except Exception as error:
-            message = describe_storage_error(error)
-            if message is None:
-                raise
-            raise StorageError(f"{where}: {message}") from None
-
-    return guard()
+        raise StorageError(f"{where}: {message}") from None
 
 
 def describe_storage_error(error: BaseException) -> str | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from ..utils.errors import StorageError, storage_failure
@@ -141,21 +143,16 @@ class ShardWriter:
                 pass  # the store is failing: a later run removes the file (a data file no manifest names)
 
 
-def storage_failures(where: str):
-    """A context manager: an OSError while writing `where` (a full disk, a quota, a permission, a store's fault
-    that outlasted its retries) becomes one StorageError naming it and saying what is kept."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def guard():
-        try:
-            yield
-        except StorageError:
-            raise
-        except store_errors() as error:
-            raise StorageError(storage_failure(where, error)) from error
-
-    return guard()
+@contextmanager
+def storage_failures(where: str) -> Iterator[None]:
+    """An OSError while writing `where` (a full disk, a quota, a permission, a store's fault that outlasted its
+    retries) becomes one StorageError naming it and saying what is kept."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except store_errors() as error:
+        raise StorageError(storage_failure(where, error)) from error
 
 
 def commit_shard(store: DatasetStore, manifest: Manifest, staged) -> bool:
